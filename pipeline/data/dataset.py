@@ -1,0 +1,30 @@
+"""torch Dataset over manifest records: read -> normalise with the data's stats -> augment."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.data.manifest import Record
+from pipeline.data.readers import read_image
+from pipeline.data.stats import Normalizer
+
+
+class ManifestDataset(Dataset):
+    def __init__(self, records: list[Record], stats: dict, transform: Callable | None = None):
+        self.records = records
+        self.normalize = Normalizer(stats)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        rec = self.records[i]
+        img = self.normalize(read_image(rec.path))  # [C, H, W]
+        if self.transform is not None:
+            img = self.transform(image=np.ascontiguousarray(img.transpose(1, 2, 0)))["image"]
+            img = img.transpose(2, 0, 1)  # [H, W, C] -> [C, H, W]
+        return torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)), rec.label

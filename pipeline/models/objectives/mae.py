@@ -1,0 +1,82 @@
+"""MAE (He et al. 2021) around a stock timm ViT, built from lightly's masked-ViT modules."""
+from __future__ import annotations
+
+import torch
+from lightly.models import utils
+from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+
+class MAE(nn.Module):
+    def __init__(self, vit: VisionTransformer, mask_ratio: float = 0.75, decoder_dim: int = 512,
+                 decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True):
+        super().__init__()
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.patch_size = vit.patch_embed.patch_size[0]
+        self.in_chans = vit.patch_embed.proj.in_channels
+        # The encoder wraps the very ViT object that fine-tuning loads later.
+        self.backbone = MaskedVisionTransformerTIMM(vit=vit)
+        self.sequence_length = self.backbone.sequence_length  # patches + class token
+        self.decoder_embed = nn.Linear(vit.embed_dim, decoder_dim)
+        self.decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=vit.patch_embed.num_patches, embed_dim=decoder_dim,
+            depth=decoder_depth, num_heads=decoder_heads, num_prefix_tokens=vit.num_prefix_tokens)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * self.in_chans)
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        return self.backbone.vit
+
+    def random_masking(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> idx_keep [B, 1 + L_keep] (class token first), idx_mask [B, L_mask]."""
+        return utils.random_token_mask(size=(batch_size, self.sequence_length),
+                                       mask_ratio=self.mask_ratio, device=device)
+
+    def forward_encoder(self, images: torch.Tensor, idx_keep: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode(images=images, idx_keep=idx_keep)  # [B, 1 + L_keep, D]
+
+    def forward_decoder(self, x_encoded, idx_keep, idx_mask) -> torch.Tensor:
+        """-> predicted pixels of the masked patches [B, L_mask, P*P*C]."""
+        x = self.decoder_embed(x_encoded)  # [B, 1 + L_keep, Dd]
+        tokens = utils.repeat_token(self.decoder.mask_token, (x.shape[0], self.sequence_length))
+        tokens = utils.set_at_index(tokens, idx_keep, x.type_as(tokens))  # [B, 1 + L, Dd]
+        tokens = self.decoder.decode(self.decoder.add_pos_embed(tokens))
+        return self.decoder_pred(utils.get_at_index(tokens, idx_mask))
+
+    def forward_loss(self, images, pred, idx_mask) -> torch.Tensor:
+        # idx_mask counts the class token as position 0; patches start at 0.
+        target = utils.get_at_index(utils.patchify(images, self.patch_size), idx_mask - 1)
+        if self.norm_pix_loss:  # per-patch normalised target, as in the MAE paper
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return ((pred - target) ** 2).mean()
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images [B, C, H, W] -> loss, pred [B, L_mask, P*P*C], mask [B, L] (1 = masked)."""
+        B, C = images.shape[:2]
+        if C != self.in_chans:
+            raise ValueError(f"MAE expects {self.in_chans} channels, got images of shape {tuple(images.shape)}")
+        idx_keep, idx_mask = self.random_masking(B, images.device)
+        pred = self.forward_decoder(self.forward_encoder(images, idx_keep), idx_keep, idx_mask)
+        loss = self.forward_loss(images, pred, idx_mask)
+        mask = torch.zeros(B, self.sequence_length - 1, device=images.device)
+        mask.scatter_(1, idx_mask - 1, 1.0)
+        return {"loss": loss, "pred": pred, "mask": mask, "idx_mask": idx_mask}
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For plots: masked input and reconstruction, both [B, C, H, W] in input units."""
+        out = self(images)
+        patches = utils.patchify(images, self.patch_size)  # [B, L, P*P*C]
+        pred = out["pred"]
+        if self.norm_pix_loss:  # undo the per-patch normalisation with the true patch stats
+            target = utils.get_at_index(patches, out["idx_mask"] - 1)
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+        recon = utils.set_at_index(patches.clone(), out["idx_mask"] - 1, pred)
+        masked = patches * (1 - out["mask"]).unsqueeze(-1)
+        return {"masked": utils.unpatchify(masked, self.patch_size, self.in_chans),
+                "recon": utils.unpatchify(recon, self.patch_size, self.in_chans),
+                "loss": out["loss"]}

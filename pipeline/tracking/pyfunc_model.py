@@ -1,0 +1,53 @@
+"""The registered model (logged *from code*, never cloudpickled).
+
+predict() takes raw, unnormalised images [N, C, H, W] (or one [C, H, W]) in the units the data
+came in, applies the saved channel statistics itself and returns class probabilities [N, K].
+"""
+from __future__ import annotations
+
+import warnings
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+# Shapes and dtypes are checked against the logged TensorSpec signature and by _validate below;
+# MLflow's type-hint validation does not describe [N, C, H, W] tensors.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+
+
+class MimflowClassifier(PythonModel):
+    def load_context(self, context) -> None:
+        import torch
+
+        from pipeline.data.stats import Normalizer
+        from pipeline.stages.evaluate import load_classifier
+
+        self.model, self.meta = load_classifier(context.artifacts["classifier"])
+        self.model.eval()
+        self.normalize = Normalizer(self.meta["stats"])
+        self.torch = torch
+
+    def _validate(self, x) -> np.ndarray:
+        m = self.meta
+        if hasattr(x, "to_numpy"):  # a DataFrame from a generic client
+            x = x.to_numpy()
+        x = np.asarray(x)
+        if x.ndim == 3:
+            x = x[None]
+        expected = (m["in_chans"], m["img_size"], m["img_size"])
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape [N, {', '.join(map(str, expected))}] "
+                             f"(channels {m['channels']}), got {tuple(x.shape)}")
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise ValueError(f"expected a numeric image array, got dtype {x.dtype}")
+        return x.astype(np.float32)
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        x = self.normalize(self._validate(model_input))
+        with self.torch.no_grad():
+            logits = self.model(self.torch.from_numpy(x))
+        return self.torch.softmax(logits, dim=1).numpy().astype(np.float32)
+
+
+mlflow.models.set_model(MimflowClassifier())
