@@ -23,7 +23,7 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
-    name: str = "mimflow"
+    name: str = "landsat_mae"
     seed: int = 0
     output_dir: str = "mimflow_runs"  # stage outputs go to <output_dir>/<name>/<stage>
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -41,7 +41,8 @@ class TrackingConfig(_Section):
 
 class DataConfig(_Section):
     dataset: str = "landsat_landcover"  # datasets/<dataset>/prepare.py builds it
-    options: dict[str, Any] = Field(default_factory=dict)  # passed to the builder
+    # passed to the builder as keyword arguments
+    options: dict[str, Any] = Field(default_factory=lambda: {"tile_size": 16, "block_size": 64, "pool_stride": 8})
     root: str = ".mimflow/data"  # prepared data goes to <root>/<dataset>
     stats_sample_per_channel: int = Field(200_000, ge=1000)  # reservoir for percentiles
     clip_percentiles: tuple[float, float] = (1.0, 99.0)
@@ -88,7 +89,7 @@ class FinetuneConfig(_Section):
     drop_path: float = Field(0.1, ge=0, lt=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     label_fraction: float = Field(1.0, gt=0, le=1)
-    compare_scratch: bool = False  # in `run`: also fine-tune from scratch as a baseline
+    compare_scratch: bool = True  # in `run`: also fine-tune from scratch as the baseline
     log_every_steps: int = Field(10, ge=1)
 
 
@@ -98,7 +99,7 @@ class EvaluateConfig(_Section):
 
 
 class RegisterConfig(_Section):
-    model_name: str = "mimflow-classifier"
+    model_name: str = "landsat-landcover-vit"
     alias: str = "candidate"
 
 

@@ -16,7 +16,7 @@ SPLITS = ("unlabelled", "train", "val", "test")
 class Record:
     path: Path
     split: str
-    label: int  # -1 when unlabelled
+    label: int | tuple[int, ...]  # class index, -1 when unlabelled; a tuple for multi-label rows
     group: str
 
 
@@ -33,10 +33,20 @@ def load_manifest(path: str | Path) -> list[Record]:
         for line, row in enumerate(reader, start=2):
             if row["split"] not in SPLITS:
                 raise ValueError(f"{path}:{line}: split {row['split']!r} not in {SPLITS}")
-            label = row["label"].strip()
             records.append(Record(path.parent / row["path"], row["split"],
-                                  int(float(label)) if label else -1, row["group"]))
+                                  _parse_label(row["label"], path, line), row["group"]))
     return records
+
+
+def _parse_label(text: str, path: Path, line: int) -> int | tuple[int, ...]:
+    """'' -> -1 (no label), '3' -> 3, '2|8' -> (2, 8) (multi-label)."""
+    text = text.strip()
+    try:
+        if "|" in text:
+            return tuple(int(t) for t in text.split("|") if t)
+        return int(float(text)) if text else -1
+    except ValueError:
+        raise ValueError(f"{path}:{line}: label {text!r} is not a class index or '|'-joined indices") from None
 
 
 def select(records: list[Record], split: str) -> list[Record]:

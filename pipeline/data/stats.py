@@ -16,37 +16,31 @@ STATS_VERSION = 1
 def compute_channel_stats(paths: Iterable[Path], channel_names: list[str] | None = None,
                           sample_per_channel: int = 200_000, percentiles=(1.0, 99.0),
                           seed: int = 0, quiet: bool = False) -> dict:
-    """One streaming pass: exact mean/std (float64 sums) and percentiles from a uniform sample.
+    """One streaming pass: exact mean/std (float64 sums) and percentiles from a sample.
 
-    NaN pixels (nodata) are excluded. Percentiles come from a reservoir of at most
+    NaN pixels (nodata) are excluded. Each file contributes an equal share of at most
     `sample_per_channel` values per channel, so memory stays bounded for any pool size.
     """
+    paths = list(paths)
     rng = np.random.default_rng(seed)
+    per_file = max(1, sample_per_channel // max(1, len(paths)))
     n = s1 = s2 = None
-    reservoir: list[np.ndarray] = []
-    seen = 0
-    for path in tqdm(list(paths), desc="channel stats", disable=quiet, leave=False):
+    samples: list[list[np.ndarray]] = []
+    for path in tqdm(paths, desc="channel stats", disable=quiet, leave=False):
         img = read_image(path)  # [C, H, W]
         flat = img.reshape(img.shape[0], -1).astype(np.float64)
         if n is None:
             n, s1, s2 = (np.zeros(img.shape[0]) for _ in range(3))
-            reservoir = [np.empty(0) for _ in range(img.shape[0])]
+            samples = [[] for _ in range(img.shape[0])]
         elif flat.shape[0] != n.shape[0]:
             raise ValueError(f"{path}: {flat.shape[0]} channels, earlier images had {n.shape[0]}")
         ok = np.isfinite(flat)
         n += ok.sum(1)
         s1 += np.where(ok, flat, 0).sum(1)
         s2 += np.where(ok, flat * flat, 0).sum(1)
-        # Keep each pixel with probability budget/seen so the sample stays uniform.
-        seen += flat.shape[1]
-        keep_p = min(1.0, sample_per_channel / seen)
         for c in range(flat.shape[0]):
             vals = flat[c][ok[c]]
-            vals = vals[rng.random(vals.size) < keep_p] if keep_p < 1 else vals
-            res = np.concatenate([reservoir[c], vals])
-            if res.size > sample_per_channel:
-                res = rng.choice(res, sample_per_channel, replace=False)
-            reservoir[c] = res
+            samples[c].append(vals if vals.size <= per_file else rng.choice(vals, per_file, replace=False))
     if n is None:
         raise ValueError("no images to compute channel statistics from")
     if (n == 0).any():
@@ -62,8 +56,8 @@ def compute_channel_stats(paths: Iterable[Path], channel_names: list[str] | None
         "mean": mean.tolist(),
         "std": np.maximum(std, 1e-6).tolist(),
         "percentiles": list(percentiles),
-        "p_low": [float(np.percentile(r, percentiles[0])) for r in reservoir],
-        "p_high": [float(np.percentile(r, percentiles[1])) for r in reservoir],
+        "p_low": [float(np.percentile(np.concatenate(c), percentiles[0])) for c in samples],
+        "p_high": [float(np.percentile(np.concatenate(c), percentiles[1])) for c in samples],
         "pixels": n.astype(int).tolist(),
     }
 

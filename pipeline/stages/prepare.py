@@ -33,7 +33,7 @@ def _build(cfg: Config, out: Path) -> dict:
         info = json.loads(info_path.read_text())
         if info.get("build_options") == cfg.data.options:
             return info  # already prepared with these options
-    info = load_builder(cfg.data.dataset)(out, **cfg.data.options)
+    info = load_builder(cfg.data.dataset)(out_dir=out, **cfg.data.options)
     records = load_manifest(out / "manifest.csv")
     pool = select(records, "unlabelled") or select(records, "train")
     stats = compute_channel_stats([r.path for r in pool], info.get("channels"),

@@ -18,6 +18,9 @@ class MAE(nn.Module):
         self.in_chans = vit.patch_embed.proj.in_channels
         # The encoder wraps the very ViT object that fine-tuning loads later.
         self.backbone = MaskedVisionTransformerTIMM(vit=vit)
+        # MAE drops masked tokens (idx_keep) instead of replacing them, so the encoder's mask
+        # token gets no gradient; frozen, DDP does not wait for it.
+        self.backbone.mask_token.requires_grad_(False)
         self.sequence_length = self.backbone.sequence_length  # patches + class token
         self.decoder_embed = nn.Linear(vit.embed_dim, decoder_dim)
         self.decoder = MaskedVisionTransformerDecoderTIMM(

@@ -1,0 +1,39 @@
+"""What every reader shares: the error type and the final check on a decoded image."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class ReadError(ValueError):
+    """A file could not be decoded into an image; the message names the file and why."""
+
+
+class OptionError(ValueError):
+    """A reader option has an invalid value (a configuration error, not a bad file)."""
+
+
+def finish(path: Path, arr: np.ndarray) -> np.ndarray:
+    """Decoded pixels [C, H, W] (any dtype) -> float32 [C, H, W], +-inf as NaN (nodata).
+
+    Raises ReadError for a wrong rank, an empty array or an image without one finite pixel.
+    """
+    if arr.ndim != 3:
+        raise ReadError(f"{path}: expected an image [C, H, W], got shape {arr.shape}")
+    if arr.size == 0:
+        raise ReadError(f"{path}: image has no pixels (shape {arr.shape})")
+    if np.iscomplexobj(arr) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ReadError(f"{path}: pixel type {arr.dtype} is not a real number type")
+    out = np.asarray(arr, dtype=np.float32)
+    finite = np.isfinite(out)
+    if not finite.any():
+        raise ReadError(f"{path}: no finite pixel (all NaN/inf or nodata)")
+    if not finite.all():
+        out = np.where(finite, out, np.float32(np.nan))
+    return out
+
+
+def channels_first(arr: np.ndarray) -> np.ndarray:
+    """[H, W] -> [1, H, W]; [H, W, C] -> [C, H, W]."""
+    return arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)

@@ -1,0 +1,75 @@
+"""Shared fixtures: the real bundled dataset prepared once, MLflow stores and a real server."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "debug" / "landsat_tiny.yaml"
+
+
+def tiny_overrides(tmp: Path, tracking_uri: str | None = None) -> list[str]:
+    """Overrides that keep every output of a tiny run inside `tmp`."""
+    uri = tracking_uri or f"sqlite:///{tmp / 'mlflow.db'}"
+    return [f"run.output_dir={tmp / 'runs'}", f"tracking.uri={uri}",
+            f"tracking.artifact_location={tmp / 'mlartifacts'}", f"data.root={tmp / 'data'}"]
+
+
+@pytest.fixture(scope="session")
+def prepared_landsat(tmp_path_factory) -> Path:
+    """The real Landsat-7 task, cut with the tiny config's options, once per session."""
+    from pipeline.config import load_config
+    from pipeline.stages.prepare import _build
+
+    root = tmp_path_factory.mktemp("prepared")
+    cfg = load_config(TINY, [f"data.root={root}"])
+    out = root / cfg.data.dataset
+    _build(cfg, out)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process on 127.0.0.1 with a SQLite store -> its http URI."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not answer /health within 120 s")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
