@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError, load_config
@@ -107,6 +106,9 @@ def _dispatch(cfg: Config, a) -> int:
         summary = run_pipeline(cfg)
         if "model_uri" in summary:
             print_summary(cfg, summary)
+        elif "encoder" in summary:
+            print(f"no labelled split: pretrained encoder only, in {summary['encoder']} "
+                  f"(MLflow run {summary['parent_run_id']}, {summary['seconds'] / 60:.1f} min)")
         return 0
     if a.command == "prepare":
         from pipeline.stages.prepare import prepare

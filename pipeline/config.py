@@ -31,12 +31,33 @@ class RunConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     num_workers: int = Field(0, ge=0)
     quiet: bool = False  # no progress bars (CI logs)
+    fsdp: bool = False  # shard weights/grads/optimizer state (FSDP2) instead of DDP: for ViT-L/H
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory
+    # a non-finite loss skips its optimizer step; this many in a row stop the run
+    max_consecutive_nonfinite: int = Field(5, ge=1)
 
 
 class TrackingConfig(_Section):
     uri: str = "sqlite:///mlflow.db"  # embedded default; http://host:port for a server
     artifact_location: str | None = "mlartifacts"  # only used when the experiment is created
     experiment: str = "mimflow"
+    # Logging runs in the background and survives a server outage: failed calls are retried with
+    # backoff (capped at retry_max_backoff_s) and delivered in order once the server is back.
+    retry_max_backoff_s: float = Field(30.0, gt=0)
+    # at the end of a stage, wait this long for the backlog; then spill it to backlog_dir
+    # (replayed by the next mimflow command that uses this tracking URI)
+    flush_timeout_s: float = Field(600.0, ge=0)
+    backlog_dir: str = ".mimflow/tracking_backlog"
+
+
+class CheckpointConfig(_Section):
+    """Checkpoints under <output_dir>/<name>/<stage>/checkpoints, for exact resume."""
+    every_steps: int = Field(500, ge=0)  # optimizer steps between checkpoints (0: epoch ends only)
+    keep_last: int = Field(2, ge=1)
+    resume: str = "auto"  # auto: the newest valid unfinished checkpoint | never | PATH of a checkpoint
+    # SIGTERM (preemption): checkpoint at the next step, then exit 0 within this many seconds.
+    # torchrun and SLURM send SIGKILL 30 s after SIGTERM by default: stay below that.
+    sigterm_grace_s: float = Field(25.0, gt=0)
 
 
 class DataConfig(_Section):
@@ -44,6 +65,11 @@ class DataConfig(_Section):
     # passed to the builder as keyword arguments
     options: dict[str, Any] = Field(default_factory=lambda: {"tile_size": 16, "block_size": 64, "pool_stride": 8})
     root: str = ".mimflow/data"  # prepared data goes to <root>/<dataset>
+    # passed to the image readers, e.g. {window: lung} for DICOM, {axis: 2} for NIfTI
+    reader_options: dict[str, Any] = Field(default_factory=dict)
+    strict: bool = False  # a bad file fails prepare instead of being quarantined
+    augment: Literal["satellite", "medical", "none"] = "satellite"  # training transform preset
+    augment_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {scale: [0.5, 1.0]}
     stats_sample_per_channel: int = Field(200_000, ge=1000)  # reservoir for percentiles
     clip_percentiles: tuple[float, float] = (1.0, 99.0)
 
@@ -76,6 +102,7 @@ class PretrainConfig(_Section):
     norm_pix_loss: bool = True
     recon_every_epochs: int = Field(5, ge=1)
     log_every_steps: int = Field(10, ge=1)
+    clip_grad_norm: float | None = Field(None, gt=0)  # max global L2 norm of the gradients
 
 
 class FinetuneConfig(_Section):
@@ -91,6 +118,7 @@ class FinetuneConfig(_Section):
     label_fraction: float = Field(1.0, gt=0, le=1)
     compare_scratch: bool = True  # in `run`: also fine-tune from scratch as the baseline
     log_every_steps: int = Field(10, ge=1)
+    clip_grad_norm: float | None = Field(None, gt=0)  # max global L2 norm of the gradients
 
 
 class EvaluateConfig(_Section):
@@ -111,6 +139,7 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.manifest import assign_splits, write_manifest
+
 BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
 REFERENCE_BAND = "B02"  # a 10 m band: its grid is the output grid
 LABELS_43 = [
@@ -171,28 +173,8 @@ def write_patch(folder: Path, out_path: Path, size: int, resampling: str, block_
     return f"{crs.to_epsg() or 'crs'}_{math.floor(ref.c / block_m)}_{math.floor(ref.f / block_m)}"
 
 
-def assign_splits(group_sizes: dict[str, int], fractions: tuple[float, float, float],
-                  seed: int) -> dict[str, str]:
-    """Groups in a seeded random order fill train, val, test by image count -> {group: split}."""
-    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
-        raise ValueError(f"split_fractions={fractions}: three non-negative numbers summing to 1")
-    names = sorted(group_sizes)
-    order = np.random.default_rng(seed).permutation(len(names))
-    total, seen, out = sum(group_sizes.values()), 0, {}
-    bounds = (fractions[0], fractions[0] + fractions[1])
-    for i in order:
-        start = seen / total
-        out[names[i]] = "train" if start < bounds[0] else "val" if start < bounds[1] else "test"
-        seen += group_sizes[names[i]]
-    return out
 
 
-def write_manifest(out_dir: Path, rows: list[tuple]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "manifest.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "split", "label", "group"])
-        writer.writerows(rows)
 
 
 def download(dest: str | Path) -> Path:

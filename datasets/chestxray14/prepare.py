@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
+
+from pipeline.data.manifest import assign_splits, write_manifest
 
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
             "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
@@ -142,20 +142,6 @@ def patient_splits(src_dir: Path, entries: list, fractions: tuple[float, float, 
     return {**rest, **{p: "test" for p in test_patients}}
 
 
-def assign_splits(group_sizes: dict[str, int], fractions: tuple[float, float, float],
-                  seed: int) -> dict[str, str]:
-    """Groups in a seeded random order fill train, val, test by image count -> {group: split}."""
-    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
-        raise ValueError(f"split_fractions={fractions}: three non-negative numbers summing to 1")
-    names = sorted(group_sizes)
-    order = np.random.default_rng(seed).permutation(len(names))
-    total, seen, out = sum(group_sizes.values()), 0, {}
-    bounds = (fractions[0], fractions[0] + fractions[1])
-    for i in order:
-        start = seen / total
-        out[names[i]] = "train" if start < bounds[0] else "val" if start < bounds[1] else "test"
-        seen += group_sizes[names[i]]
-    return out
 
 
 def grayscale_copies(images: dict[str, Path], entries: list, out_dir: Path) -> dict[str, Path]:
@@ -174,12 +160,6 @@ def grayscale_copies(images: dict[str, Path], entries: list, out_dir: Path) -> d
     return copies
 
 
-def write_manifest(out_dir: Path, rows: list[tuple]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "manifest.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "split", "label", "group"])
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ Run alone:  python datasets/eurosat/prepare.py SRC_DIR --out .mimflow/data/euros
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
+
+from pipeline.data.manifest import assign_splits, write_manifest
 
 CLASSES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
            "Pasture", "PermanentCrop", "Residential", "River", "SeaLake"]
@@ -106,28 +106,8 @@ def _group(path: Path, variant: str, group_by: str, block_m: float) -> str:
         return f"{src.crs.to_epsg() or 'crs'}_{math.floor(x / block_m)}_{math.floor(y / block_m)}"
 
 
-def assign_splits(group_sizes: dict[str, int], fractions: tuple[float, float, float],
-                  seed: int) -> dict[str, str]:
-    """Groups in a seeded random order fill train, val, test by image count -> {group: split}."""
-    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
-        raise ValueError(f"split_fractions={fractions}: three non-negative numbers summing to 1")
-    names = sorted(group_sizes)
-    order = np.random.default_rng(seed).permutation(len(names))
-    total, seen, out = sum(group_sizes.values()), 0, {}
-    bounds = (fractions[0], fractions[0] + fractions[1])
-    for i in order:
-        start = seen / total  # where this group starts in the cumulative image count
-        out[names[i]] = "train" if start < bounds[0] else "val" if start < bounds[1] else "test"
-        seen += group_sizes[names[i]]
-    return out
 
 
-def write_manifest(out_dir: Path, rows: list[tuple]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "manifest.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "split", "label", "group"])
-        writer.writerows(rows)
 
 
 def download(dest: str | Path, variant: str = "ms") -> Path:

@@ -14,12 +14,13 @@ Run alone:  python datasets/medmnist/prepare.py SRC_DIR --flag pathmnist --out .
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.data.manifest import write_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 SPLITS = ("train", "val", "test")
@@ -113,12 +114,6 @@ def _classes(flag: str, rows: list[tuple], multilabel: bool) -> list[str]:
     return [f"class_{i}" for i in range(max(seen, default=-1) + 1)]
 
 
-def write_manifest(out_dir: Path, rows: list[tuple]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "manifest.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "split", "label", "group"])
-        writer.writerows(rows)
 
 
 def download(dest: str | Path, flag: str, size: int | None = None) -> Path:

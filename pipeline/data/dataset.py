@@ -7,14 +7,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.manifest import Record
-from pipeline.data.readers import read_image
+from pipeline.data.manifest import Record, read_record
 from pipeline.data.stats import Normalizer
 
 
 class ManifestDataset(Dataset):
-    def __init__(self, records: list[Record], stats: dict, transform: Callable | None = None):
+    def __init__(self, records: list[Record], stats: dict, transform: Callable | None = None,
+                 reader_options: dict | None = None):
         self.records = records
+        self.reader_options = reader_options or {}
         self.normalize = Normalizer(stats)
         self.transform = transform
 
@@ -23,7 +24,7 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rec = self.records[i]
-        img = self.normalize(read_image(rec.path))  # [C, H, W]
+        img = self.normalize(read_record(rec, **self.reader_options))  # [C, H, W]
         if self.transform is not None:
             img = self.transform(image=np.ascontiguousarray(img.transpose(1, 2, 0)))["image"]
             img = img.transpose(2, 0, 1)  # [H, W, C] -> [C, H, W]

@@ -4,10 +4,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.data.readers import read_image
 
 SPLITS = ("unlabelled", "train", "val", "test")
 
@@ -18,6 +21,8 @@ class Record:
     split: str
     label: int | tuple[int, ...]  # class index, -1 when unlabelled; a tuple for multi-label rows
     group: str
+    index: int | None = None  # which image of a multi-image file (frame, slice); None: the only one
+    sha256: str = ""  # content hash of the file when the manifest records it
 
 
 def load_manifest(path: str | Path) -> list[Record]:
@@ -33,8 +38,10 @@ def load_manifest(path: str | Path) -> list[Record]:
         for line, row in enumerate(reader, start=2):
             if row["split"] not in SPLITS:
                 raise ValueError(f"{path}:{line}: split {row['split']!r} not in {SPLITS}")
+            index = (row.get("index") or "").strip()
             records.append(Record(path.parent / row["path"], row["split"],
-                                  _parse_label(row["label"], path, line), row["group"]))
+                                  _parse_label(row["label"], path, line), row["group"],
+                                  int(index) if index else None, row.get("sha256") or ""))
     return records
 
 
@@ -54,12 +61,31 @@ def select(records: list[Record], split: str) -> list[Record]:
 
 
 def dataset_hash(manifest_path: str | Path) -> str:
-    """sha256 over the manifest and the bytes of every file it lists (order as listed)."""
+    """sha256 over the manifest and the bytes of every file it lists (order as listed).
+
+    A manifest whose rows carry their files' sha256 already pins the content: hash it alone.
+    """
     manifest_path = Path(manifest_path)
     h = hashlib.sha256(manifest_path.read_bytes())
-    for r in load_manifest(manifest_path):
-        h.update(r.path.read_bytes())
+    records = load_manifest(manifest_path)
+    if not all(r.sha256 for r in records):
+        for path in dict.fromkeys(r.path for r in records):
+            h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def changed_files(records: list[Record]) -> list[Path]:
+    """Files whose content no longer matches the sha256 recorded in the manifest."""
+    changed = []
+    for path, digest in dict.fromkeys((r.path, r.sha256) for r in records if r.sha256):
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            changed.append(path)
+    return changed
+
+
+def read_record(rec: Record, **reader_options) -> np.ndarray:
+    """The image a manifest row points at -> float32 [C, H, W]."""
+    return read_image(rec.path, index=rec.index, **reader_options)
 
 
 def stratified_fraction(records: list[Record], fraction: float, seed: int) -> list[Record]:
@@ -77,3 +103,29 @@ def stratified_fraction(records: list[Record], fraction: float, seed: int) -> li
 
 def load_dataset_info(prepared_dir: str | Path) -> dict:
     return json.loads((Path(prepared_dir) / "dataset.json").read_text())
+
+
+def assign_splits(group_sizes: dict[str, int], fractions: tuple[float, float, float],
+                  seed: int) -> dict[str, str]:
+    """Groups in a seeded random order fill train, val, test by image count -> {group: split}."""
+    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
+        raise ValueError(f"split_fractions={fractions}: three non-negative numbers summing to 1")
+    names = sorted(group_sizes)
+    order = np.random.default_rng(seed).permutation(len(names))
+    total, seen, out = sum(group_sizes.values()), 0, {}
+    bounds = (fractions[0], fractions[0] + fractions[1])
+    for i in order:
+        start = seen / total  # where this group starts in the cumulative image count
+        out[names[i]] = "train" if start < bounds[0] else "val" if start < bounds[1] else "test"
+        seen += group_sizes[names[i]]
+    return out
+
+
+def write_manifest(out_dir: Path, rows: list[tuple], extra_columns: tuple[str, ...] = ()) -> None:
+    """rows: (path, split, label, group, *extra_columns) -> out_dir/manifest.csv."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "manifest.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "split", "label", "group", *extra_columns])
+        writer.writerows(rows)

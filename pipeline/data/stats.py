@@ -8,14 +8,15 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.data.manifest import Record, read_record
 from pipeline.data.readers import read_image
 
 STATS_VERSION = 1
 
 
-def compute_channel_stats(paths: Iterable[Path], channel_names: list[str] | None = None,
+def compute_channel_stats(paths: Iterable[Path | Record], channel_names: list[str] | None = None,
                           sample_per_channel: int = 200_000, percentiles=(1.0, 99.0),
-                          seed: int = 0, quiet: bool = False) -> dict:
+                          seed: int = 0, quiet: bool = False, reader_options: dict | None = None) -> dict:
     """One streaming pass: exact mean/std (float64 sums) and percentiles from a sample.
 
     NaN pixels (nodata) are excluded. Each file contributes an equal share of at most
@@ -27,13 +28,14 @@ def compute_channel_stats(paths: Iterable[Path], channel_names: list[str] | None
     n = s1 = s2 = None
     samples: list[list[np.ndarray]] = []
     for path in tqdm(paths, desc="channel stats", disable=quiet, leave=False):
-        img = read_image(path)  # [C, H, W]
+        img = (read_record(path, **(reader_options or {})) if isinstance(path, Record)
+               else read_image(path, **(reader_options or {})))  # [C, H, W]
         flat = img.reshape(img.shape[0], -1).astype(np.float64)
         if n is None:
             n, s1, s2 = (np.zeros(img.shape[0]) for _ in range(3))
             samples = [[] for _ in range(img.shape[0])]
         elif flat.shape[0] != n.shape[0]:
-            raise ValueError(f"{path}: {flat.shape[0]} channels, earlier images had {n.shape[0]}")
+            raise ValueError(f"{getattr(path, 'path', path)}: {flat.shape[0]} channels, earlier images had {n.shape[0]}")
         ok = np.isfinite(flat)
         n += ok.sum(1)
         s1 += np.where(ok, flat, 0).sum(1)

@@ -7,6 +7,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import Config
+from pipeline.data.dataset import ManifestDataset
+from pipeline.data.manifest import Record
+from pipeline.data.transforms import eval_transform, train_transform
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:
@@ -29,3 +32,12 @@ def geometry_meta(cfg: Config, stats: dict) -> dict:
     return {"backbone": cfg.model.backbone, "img_size": cfg.model.img_size,
             "patch_size": cfg.model.patch_size, "in_chans": len(stats["channels"]),
             "channels": stats["channels"], "stats": stats}
+
+
+def make_dataset(cfg: Config, records: list[Record], stats: dict, train: bool,
+                 img_size: int | None = None) -> ManifestDataset:
+    """Records -> Dataset with the config's reader options and train/eval transform."""
+    size = img_size or cfg.model.img_size
+    transform = (train_transform(cfg.data.augment, size, cfg.data.augment_options) if train
+                 else eval_transform(size))
+    return ManifestDataset(records, stats, transform, cfg.data.reader_options)

@@ -8,16 +8,14 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from pipeline.config import Config
-from pipeline.data.dataset import ManifestDataset
 from pipeline.data.manifest import load_manifest, select
-from pipeline.data.transforms import eval_transform
 from pipeline.distributed import show_progress
 from pipeline.engine.checkpoint import load_weights
 from pipeline.engine.loop import predict
 from pipeline.metrics import classification_metrics
 from pipeline.models.backbones import create_backbone
 from pipeline.plots import confusion_matrix_plot
-from pipeline.stages.common import make_loader, stage_dir
+from pipeline.stages.common import make_dataset, make_loader, stage_dir
 from pipeline.tracking.base import Tracker
 
 
@@ -35,7 +33,7 @@ def evaluate(cfg: Config, prepared: Path, classifier_dir: Path, accelerator: Acc
     split = cfg.evaluate.split
     model, meta = load_classifier(classifier_dir)
     records = select(load_manifest(prepared / "manifest.csv"), split)
-    ds = ManifestDataset(records, meta["stats"], eval_transform(meta["img_size"]))
+    ds = make_dataset(cfg, records, meta["stats"], train=False, img_size=meta["img_size"])
     loader = accelerator.prepare(make_loader(ds, cfg.evaluate.batch_size, cfg, train=False))
     model = accelerator.prepare(model)
     logits, labels = predict(model, loader, accelerator, show_progress(accelerator, cfg.run), desc=split)

@@ -8,10 +8,8 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.config import Config
-from pipeline.data.dataset import ManifestDataset
 from pipeline.data.manifest import load_dataset_info, load_manifest, select, stratified_fraction
 from pipeline.data.stats import load_stats
-from pipeline.data.transforms import eval_transform, satellite_train
 from pipeline.distributed import show_progress
 from pipeline.engine.checkpoint import load_weights, save_weights
 from pipeline.engine.loop import predict, train_one_epoch
@@ -19,7 +17,7 @@ from pipeline.engine.optim import make_optimizer, scaled_lr, warmup_cosine
 from pipeline.metrics import classification_metrics
 from pipeline.models.backbones import create_backbone
 from pipeline.models.transfer import load_encoder
-from pipeline.stages.common import geometry_meta, make_loader, stage_dir
+from pipeline.stages.common import geometry_meta, make_dataset, make_loader, stage_dir
 from pipeline.tracking.base import Tracker
 
 
@@ -46,9 +44,9 @@ def finetune(cfg: Config, prepared: Path, encoder_dir: Path | None, accelerator:
                             len(info["channels"]), num_classes=len(info["classes"]), drop_path_rate=f.drop_path)
     stats = _init_encoder(cfg, model, encoder_dir, load_stats(prepared / "stats.json"))
     world = accelerator.num_processes
-    train_loader = make_loader(ManifestDataset(train_recs, stats, satellite_train(cfg.model.img_size)),
+    train_loader = make_loader(make_dataset(cfg, train_recs, stats, train=True),
                                f.batch_size_per_device, cfg, train=True, world_size=world)
-    val_loader = make_loader(ManifestDataset(select(records, "val"), stats, eval_transform(cfg.model.img_size)),
+    val_loader = make_loader(make_dataset(cfg, select(records, "val"), stats, train=False),
                              cfg.evaluate.batch_size, cfg, train=False)
     global_batch = f.batch_size_per_device * world * cfg.run.gradient_accumulation_steps
     lr = scaled_lr(f.base_lr, global_batch)

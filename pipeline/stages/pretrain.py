@@ -7,10 +7,8 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.config import Config
-from pipeline.data.dataset import ManifestDataset
 from pipeline.data.manifest import load_dataset_info, load_manifest, select
 from pipeline.data.stats import load_stats
-from pipeline.data.transforms import satellite_train
 from pipeline.distributed import show_progress
 from pipeline.engine.checkpoint import save_weights
 from pipeline.engine.loop import train_one_epoch
@@ -18,7 +16,7 @@ from pipeline.engine.optim import make_optimizer, scaled_lr, warmup_cosine
 from pipeline.models.backbones import create_backbone
 from pipeline.models.objectives import OBJECTIVES
 from pipeline.plots import reconstruction_grid
-from pipeline.stages.common import geometry_meta, make_loader, stage_dir
+from pipeline.stages.common import geometry_meta, make_dataset, make_loader, stage_dir
 from pipeline.tracking.base import Tracker
 
 
@@ -47,7 +45,7 @@ def pretrain(cfg: Config, prepared: Path, accelerator: Accelerator, tracker: Tra
     info = load_dataset_info(prepared)
     records = load_manifest(prepared / "manifest.csv")
     pool = select(records, "unlabelled") or select(records, "train")
-    loader = make_loader(ManifestDataset(pool, stats, satellite_train(cfg.model.img_size)),
+    loader = make_loader(make_dataset(cfg, pool, stats, train=True),
                          p.batch_size_per_device, cfg, train=True, world_size=accelerator.num_processes)
     model = build_mim_model(cfg, in_chans=len(stats["channels"]))
     global_batch = p.batch_size_per_device * accelerator.num_processes * cfg.run.gradient_accumulation_steps

@@ -10,8 +10,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from pipeline.config import Config
-from pipeline.data.manifest import load_manifest, select
-from pipeline.data.readers import read_image
+from pipeline.data.manifest import load_manifest, read_record, select
 from pipeline.engine.checkpoint import load_weights
 from pipeline.tracking.base import Tracker
 
@@ -20,15 +19,16 @@ PYFUNC_CODE = PACKAGE_DIR / "tracking" / "pyfunc_model.py"
 
 
 def _signature(meta: dict) -> ModelSignature:
-    c, s = meta["in_chans"], meta["img_size"]
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, s, s))]),
+    # any H, W: the model resizes to its img_size as evaluation does
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["in_chans"], -1, -1))]),
                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["num_classes"]))]))
 
 
 def register(cfg: Config, prepared: Path, classifier_dir: Path, tracker: Tracker) -> str:
     """Rank 0 only. -> `models:/<name>@<alias>`; the version is tagged with its lineage."""
     _, meta = load_weights(classifier_dir)
-    example = np.stack([read_image(r.path) for r in select(load_manifest(prepared / "manifest.csv"), "test")[:4]])
+    test = select(load_manifest(prepared / "manifest.csv"), "test")
+    example = read_record(test[0], **cfg.data.reader_options)[None]  # [1, C, H, W], raw units
     name = cfg.register.model_name
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(PYFUNC_CODE), artifacts={"classifier": str(classifier_dir)},

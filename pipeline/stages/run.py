@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import Config, save_config
+from pipeline.data.manifest import load_manifest, select
 from pipeline.distributed import make_accelerator
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.finetune import finetune
@@ -49,6 +50,10 @@ def run_pipeline(cfg: Config) -> dict:
             with tracked_run(cfg.tracking, main, "pretrain", {"mimflow.stage": "pretrain"}) as t:
                 log_config(cfg, t)
                 encoder = pretrain(cfg, prepared, acc, t)
+        if not select(load_manifest(prepared / "manifest.csv"), "train"):
+            # An unlabelled-only data set: pretraining is the job; its encoder is the product.
+            summary.update(encoder=str(encoder), parent_run_id=parent.run_id, seconds=time.time() - start)
+            return summary
         variants = [("finetune", resolve_init(cfg, encoder))]
         if cfg.finetune.compare_scratch and cfg.finetune.init != "scratch":
             variants.append(("finetune_scratch", None))

@@ -1,7 +1,8 @@
 """The registered model (logged *from code*, never cloudpickled).
 
 predict() takes raw, unnormalised images [N, C, H, W] (or one [C, H, W]) in the units the data
-came in, applies the saved channel statistics itself and returns class probabilities [N, K].
+came in, applies the saved channel statistics and the evaluation resize itself and returns class
+probabilities [N, K].
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ class MimflowClassifier(PythonModel):
         import torch
 
         from pipeline.data.stats import Normalizer
+        from pipeline.data.transforms import eval_transform
         from pipeline.stages.evaluate import load_classifier
 
         self.model, self.meta = load_classifier(context.artifacts["classifier"])
         self.model.eval()
         self.normalize = Normalizer(self.meta["stats"])
+        self.resize = eval_transform(self.meta["img_size"])  # exactly what `evaluate` applies
         self.torch = torch
 
     def _validate(self, x) -> np.ndarray:
@@ -35,16 +38,17 @@ class MimflowClassifier(PythonModel):
         x = np.asarray(x)
         if x.ndim == 3:
             x = x[None]
-        expected = (m["in_chans"], m["img_size"], m["img_size"])
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape [N, {', '.join(map(str, expected))}] "
+        if x.ndim != 4 or x.shape[1] != m["in_chans"]:
+            raise ValueError(f"expected images of shape [N, {m['in_chans']}, H, W] "
                              f"(channels {m['channels']}), got {tuple(x.shape)}")
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise ValueError(f"expected a numeric image array, got dtype {x.dtype}")
         return x.astype(np.float32)
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        x = self.normalize(self._validate(model_input))
+        x = self.normalize(self._validate(model_input))  # [N, C, H, W]
+        if x.shape[2:] != (self.meta["img_size"],) * 2:
+            x = np.stack([self.resize(image=i.transpose(1, 2, 0))["image"].transpose(2, 0, 1) for i in x])
         with self.torch.no_grad():
             logits = self.model(self.torch.from_numpy(x))
         return self.torch.softmax(logits, dim=1).numpy().astype(np.float32)

@@ -1,0 +1,151 @@
+"""Generic sources: a folder of images, class folders, or a CSV manifest -> our manifest.
+
+Used as `data.dataset: folder | imagefolder | csv` with `data.options` as keyword arguments.
+Every image a file holds becomes a row (frames of a multi-frame DICOM, slices of a volume) with
+its `index`; by default the images of one source file form one group, and splits are drawn per
+group so that no group straddles train and test. Each row records its file's sha256.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+from pipeline.data.manifest import assign_splits, write_manifest
+from pipeline.data.readers import READERS, ReadError, read_images
+
+COLUMNS = ("index", "sha256")
+MULTI_IMAGE = (".dcm", ".dicom", ".nii", ".nii.gz", ".npz")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_image_file(path: Path) -> bool:
+    """A file a reader takes: a known suffix, or no suffix and the DICOM preamble."""
+    name = path.name.lower()
+    if not path.is_file() or name.startswith("."):
+        return False
+    if name.endswith(".nii.gz") or path.suffix.lower() in READERS:
+        return True
+    if path.suffix == "" and path.stat().st_size > 132:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    return False
+
+
+def scan(root: Path, recursive: bool = True) -> list[Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files = root.rglob("*") if recursive else root.iterdir()
+    return sorted(p for p in files if is_image_file(p))
+
+
+def expand(path: Path, reader_options: dict) -> list[int | None]:
+    """Image indices a file holds: [None] for single-image files, [0..n-1] for volumes/frames.
+
+    An unreadable file still yields [None]: prepare's validation pass reports and quarantines it.
+    """
+    name = path.name.lower()
+    if not name.endswith(MULTI_IMAGE) and path.suffix:
+        return [None]
+    try:
+        n = len(read_images(path, **reader_options))
+    except ReadError:
+        return [None]
+    return [None] if n == 1 else list(range(n))
+
+
+def _write(out_dir: Path, rows: list[tuple], info: dict) -> dict:
+    write_manifest(out_dir, rows, COLUMNS)
+    (out_dir / "dataset.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _rows(files: list[tuple[Path, str]], split_of, group_of, reader_options, out_dir) -> list[tuple]:
+    rows = []
+    for path, label in files:
+        digest = file_sha256(path)
+        for index in expand(path, reader_options):
+            group = group_of(path)
+            rows.append((str(path.resolve()), split_of(group, label), label, group,
+                         "" if index is None else index, digest))
+    return rows
+
+
+def build_folder(out_dir, root: str, recursive: bool = True, channels: list[str] | None = None,
+                 reader_options: dict | None = None) -> dict:
+    """Every image under `root` -> the unlabelled pool."""
+    files = [(p, "") for p in scan(Path(root), recursive)]
+    rows = _rows(files, lambda g, l: "unlabelled", lambda p: str(p.resolve()), reader_options or {}, out_dir)
+    return _write(Path(out_dir), rows, {"name": Path(root).name, "task": "unlabelled", "classes": [],
+                                        "channels": channels, "source": {"root": str(root)}})
+
+
+def build_imagefolder(out_dir, root: str, split_fractions=(0.6, 0.2, 0.2), seed: int = 0,
+                      channels: list[str] | None = None, reader_options: dict | None = None,
+                      unlabelled_root: str | None = None) -> dict:
+    """root/<class>/**/image -> labelled rows split per source file (group); optional extra pool."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root}: no class folders (expected root/<class>/<images>)")
+    files = [(p, str(i)) for i, c in enumerate(classes) for p in scan(root / c)]
+    sizes = Counter(str(p.resolve()) for p, _ in files)
+    split_of_group = assign_splits(sizes, tuple(split_fractions), seed)
+    rows = _rows(files, lambda g, l: split_of_group[g], lambda p: str(p.resolve()), reader_options or {}, out_dir)
+    if unlabelled_root:
+        pool = [(p, "") for p in scan(Path(unlabelled_root))]
+        rows += _rows(pool, lambda g, l: "unlabelled", lambda p: str(p.resolve()), reader_options or {}, out_dir)
+    return _write(Path(out_dir), rows, {"name": root.name, "task": "multiclass", "classes": classes,
+                                        "channels": channels, "source": {"root": str(root)}})
+
+
+def build_csv(out_dir, manifest: str, split_fractions=(0.6, 0.2, 0.2), seed: int = 0,
+              classes: list[str] | None = None, channels: list[str] | None = None,
+              reader_options: dict | None = None) -> dict:
+    """A user CSV with `path` and optional `label`, `split`, `group` columns (paths relative to it).
+
+    Labels may be class names or indices; `a|b` is multi-label. Rows without a split are
+    assigned one per group (the group defaults to the source file).
+    """
+    manifest = Path(manifest)
+    with open(manifest, newline="") as f:
+        table = list(csv.DictReader(f))
+    if not table or "path" not in table[0]:
+        raise ValueError(f"{manifest}: needs a 'path' column")
+    names = classes or sorted({n for r in table for n in (r.get("label") or "").split("|") if n})
+    index_of = {n: str(i) for i, n in enumerate(names)}
+
+    def label_of(text: str, line: int) -> str:
+        parts = [p for p in (text or "").split("|") if p]
+        try:
+            return "|".join(index_of[p] if p in index_of else str(int(p)) for p in parts)
+        except ValueError:
+            raise ValueError(f"{manifest}:{line}: unknown label {text!r} (classes: {names})") from None
+
+    entries = []
+    for line, r in enumerate(table, start=2):
+        path = (manifest.parent / r["path"]).resolve()
+        entries.append((path, label_of(r.get("label", ""), line), r.get("group") or str(path), r.get("split") or ""))
+    sizes = Counter(g for _, _, g, s in entries if not s)
+    assigned = assign_splits(sizes, tuple(split_fractions), seed) if sizes else {}
+    rows = []
+    for path, label, group, split in entries:
+        split = split or ("unlabelled" if not label else assigned[group])
+        digest = file_sha256(path) if path.is_file() else ""
+        for index in expand(path, reader_options or {}) if path.is_file() else [None]:
+            rows.append((str(path), split, label, group, "" if index is None else index, digest))
+    task = "multilabel" if any("|" in (r.get("label") or "") for r in table) else "multiclass"
+    return _write(Path(out_dir), rows, {"name": manifest.stem, "task": task, "classes": names,
+                                        "channels": channels, "source": {"manifest": str(manifest)}})
+
+
+SOURCES = {"folder": build_folder, "imagefolder": build_imagefolder, "csv": build_csv}

@@ -1,0 +1,50 @@
+"""Read every listed image once before training: bad files are quarantined, never met mid-epoch."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.data.manifest import Record, read_record
+from pipeline.data.readers import ReadError
+
+
+def check_image(img: np.ndarray) -> str | None:
+    """-> why the decoded image is unusable, or None."""
+    if img.ndim != 3 or min(img.shape) == 0:
+        return f"decoded to shape {img.shape}, expected [C, H, W]"
+    if np.isinf(img).any():
+        return f"{int(np.isinf(img).sum())} infinite pixel values"
+    if not np.isfinite(img).any():
+        return "no finite pixel (all nodata/NaN)"
+    return None
+
+
+def validate_records(records: list[Record], channels: int | None = None, reader_options: dict | None = None,
+                     quiet: bool = False) -> tuple[list[Record], list[tuple[Record, str]]]:
+    """-> (good records, [(bad record, reason)]). The expected channel count is `channels`, or
+    the most common count among readable images; any other count is a bad file."""
+    counts: dict[int, int] = {}
+    bad: list[tuple[Record, str]] = []
+    for i, rec in enumerate(tqdm(records, desc="validate", disable=quiet, leave=False)):
+        try:
+            img = read_record(rec, **(reader_options or {}))
+        except ReadError as err:
+            bad.append((rec, str(err)))
+            continue
+        reason = check_image(img)
+        if reason:
+            bad.append((rec, f"{rec.path}: {reason}"))
+        else:
+            counts[i] = img.shape[0]
+    expected = channels or (Counter(counts.values()).most_common(1)[0][0] if counts else None)
+    good = []
+    for i, rec in enumerate(records):
+        if i not in counts:
+            continue
+        if counts[i] != expected:
+            bad.append((rec, f"{rec.path}: {counts[i]} channels, the data set has {expected}"))
+        else:
+            good.append(rec)
+    return good, bad
