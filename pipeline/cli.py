@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--label-fraction", type=float, help="stratified fraction of training labels")
         if name in ("evaluate", "register"):
             p.add_argument("--classifier", required=True, help="classifier folder, run id or URI")
-    a = parser.parse_args(argv)
+    # key=value overrides may also come after --options (argparse alone would refuse them there)
+    a, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    a.args += extra
     try:
         config_path, overrides = _split_args(a.args)
         if a.command == "finetune":

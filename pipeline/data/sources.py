@@ -111,14 +111,20 @@ def build_imagefolder(out_dir, root: str, split_fractions=(0.6, 0.2, 0.2), seed:
 def build_csv(out_dir, manifest: str, split_fractions=(0.6, 0.2, 0.2), seed: int = 0,
               classes: list[str] | None = None, channels: list[str] | None = None,
               reader_options: dict | None = None) -> dict:
-    """A user CSV with `path` and optional `label`, `split`, `group` columns (paths relative to it).
+    """A user CSV or Parquet table with `path` and optional `label`, `split`, `group` columns
+    (paths relative to the table's folder).
 
     Labels may be class names or indices; `a|b` is multi-label. Rows without a split are
     assigned one per group (the group defaults to the source file).
     """
     manifest = Path(manifest)
-    with open(manifest, newline="") as f:
-        table = list(csv.DictReader(f))
+    if manifest.suffix.lower() == ".parquet":
+        import pandas as pd
+
+        table = pd.read_parquet(manifest).fillna("").astype(str).to_dict("records")
+    else:
+        with open(manifest, newline="") as f:
+            table = list(csv.DictReader(f))
     if not table or "path" not in table[0]:
         raise ValueError(f"{manifest}: needs a 'path' column")
     names = classes or sorted({n for r in table for n in (r.get("label") or "").split("|") if n})

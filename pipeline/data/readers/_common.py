@@ -15,9 +15,10 @@ class OptionError(ValueError):
 
 
 def finish(path: Path, arr: np.ndarray) -> np.ndarray:
-    """Decoded pixels [C, H, W] (any dtype) -> float32 [C, H, W], +-inf as NaN (nodata).
+    """Decoded pixels [C, H, W] (any dtype) -> float32 [C, H, W], NaN kept as nodata.
 
-    Raises ReadError for a wrong rank, an empty array or an image without one finite pixel.
+    Raises ReadError for a wrong rank, an empty array, any infinite value (NaN marks nodata;
+    +-inf is corrupt data) or an image without one finite pixel.
     """
     if arr.ndim != 3:
         raise ReadError(f"{path}: expected an image [C, H, W], got shape {arr.shape}")
@@ -26,11 +27,11 @@ def finish(path: Path, arr: np.ndarray) -> np.ndarray:
     if np.iscomplexobj(arr) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise ReadError(f"{path}: pixel type {arr.dtype} is not a real number type")
     out = np.asarray(arr, dtype=np.float32)
-    finite = np.isfinite(out)
-    if not finite.any():
-        raise ReadError(f"{path}: no finite pixel (all NaN/inf or nodata)")
-    if not finite.all():
-        out = np.where(finite, out, np.float32(np.nan))
+    n_inf = int(np.isinf(out).sum())
+    if n_inf:
+        raise ReadError(f"{path}: {n_inf} infinite pixel value(s) (corrupt data; use NaN for nodata)")
+    if not np.isfinite(out).any():
+        raise ReadError(f"{path}: no finite pixel (all NaN or nodata)")
     return out
 
 

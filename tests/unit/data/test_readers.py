@@ -454,7 +454,7 @@ def test_truncated_nifti_raises(tmp_path):
 
 # ---------------------------------------------------------------- NumPy
 
-def test_npy_nan_only_raises_and_inf_becomes_nodata(tmp_path):
+def test_npy_nan_only_raises_and_inf_is_refused(tmp_path):
     np.save(tmp_path / "nan.npy", np.full((2, 4, 4), np.nan, np.float32))
     with pytest.raises(ReadError, match="no finite pixel") as err:
         read_image(tmp_path / "nan.npy")
@@ -462,7 +462,11 @@ def test_npy_nan_only_raises_and_inf_becomes_nodata(tmp_path):
     arr = np.ones((4, 4), np.float32)
     arr[1, 1] = np.inf
     np.save(tmp_path / "inf.npy", arr)
-    out = read_image(tmp_path / "inf.npy")
+    with pytest.raises(ReadError, match="1 infinite pixel value"):
+        read_image(tmp_path / "inf.npy")
+    arr[1, 1] = np.nan  # NaN is nodata, kept
+    np.save(tmp_path / "nan1.npy", arr)
+    out = read_image(tmp_path / "nan1.npy")
     assert out.shape == (1, 4, 4) and np.isnan(out[0, 1, 1]) and np.nansum(out) == 15
     np.save(tmp_path / "4d.npy", np.ones((1, 2, 4, 4)))
     with pytest.raises(ReadError, match="shape"):
