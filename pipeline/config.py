@@ -68,6 +68,7 @@ class DataConfig(_Section):
     # passed to the image readers, e.g. {window: lung} for DICOM, {axis: 2} for NIfTI
     reader_options: dict[str, Any] = Field(default_factory=dict)
     strict: bool = False  # a bad file fails prepare instead of being quarantined
+    cache: bool = True  # decode the pretraining pool once into memory-mapped shards under <root>/.cache
     augment: Literal["satellite", "medical", "none"] = "satellite"  # training transform preset
     augment_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {scale: [0.5, 1.0]}
     stats_sample_per_channel: int = Field(200_000, ge=1000)  # reservoir for percentiles

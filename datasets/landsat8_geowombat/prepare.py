@@ -122,6 +122,8 @@ def build(out_dir: str | Path, source: str | Path | None = None, tile_size: int 
     unknown = set(scenes) - set(SCENES)
     if unknown or not scenes:
         raise ValueError(f"scenes={list(scenes)}: choose from {sorted(SCENES)}")
+    if max_tiles is not None and max_tiles < 1:
+        raise ValueError(f"max_tiles={max_tiles}: need at least 1 (None keeps every valid tile)")
     if block_size % stride or tile_size > block_size:
         raise ValueError(f"block_size={block_size} must be a multiple of stride={stride} and >= tile_size")
     out_dir = Path(out_dir)

@@ -35,9 +35,24 @@ def geometry_meta(cfg: Config, stats: dict) -> dict:
 
 
 def make_dataset(cfg: Config, records: list[Record], stats: dict, train: bool,
-                 img_size: int | None = None) -> ManifestDataset:
+                 img_size: int | None = None, read_fn=None) -> ManifestDataset:
     """Records -> Dataset with the config's reader options and train/eval transform."""
     size = img_size or cfg.model.img_size
     transform = (train_transform(cfg.data.augment, size, cfg.data.augment_options) if train
                  else eval_transform(size))
-    return ManifestDataset(records, stats, transform, cfg.data.reader_options)
+    return ManifestDataset(records, stats, transform, cfg.data.reader_options, read_fn)
+
+
+def cached_read_fn(cfg: Config, records: list[Record], accelerator):
+    """With data.cache, decode `records` once into memory-mapped shards (one process per node
+    builds, the others open it) -> a record reader for ManifestDataset; else None.
+    Images of different sizes cannot share shards: then reading stays uncached, with a warning."""
+    if not cfg.data.cache:
+        return None
+    from pipeline.data.cache import cached_reader
+
+    root = Path(cfg.data.root) / ".cache"
+    if accelerator.is_local_main_process:
+        cached_reader(records, root, reader_options=cfg.data.reader_options, quiet=cfg.run.quiet, fallback=True)
+    accelerator.wait_for_everyone()
+    return cached_reader(records, root, reader_options=cfg.data.reader_options, quiet=True, fallback=True)
