@@ -32,18 +32,21 @@ def _prepared(cfg: Config, given: str | None) -> Path:
 
 
 def _stage(cfg: Config, stage: str, fn):
-    """Run one stage alone in its own MLflow run."""
+    """Run one stage alone in its own MLflow run (the same run again when a killed command is
+    restarted: it resumes from the stage's newest checkpoint)."""
     from pipeline.distributed import make_accelerator
-    from pipeline.stages.run import log_config
-    from pipeline.tracking.mlflow import tracked_run
+    from pipeline.stages.run import StageRuns, log_config
 
     acc = make_accelerator(cfg.run)
-    with tracked_run(cfg.tracking, acc.is_main_process, stage, {"mimflow.stage": stage}) as tracker:
+
+    def body(tracker):
         log_config(cfg, tracker)
         result = fn(acc, tracker)
         if acc.is_main_process:
             print(f"{stage}: run {tracker.run_id} -> {result}")
-    return result
+        return result
+
+    return StageRuns(cfg, acc, pipeline=False).stage(stage, {"mimflow.stage": stage}, body)
 
 
 def print_summary(cfg: Config, summary: dict) -> None:
@@ -99,7 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mimflow: {err}", file=sys.stderr)
         return 2
-    return _dispatch(cfg, a)
+    from pipeline.engine.checkpoint import CheckpointError, UnsafeCheckpointError
+    from pipeline.engine.loop import NonFiniteLossError
+    from pipeline.engine.preempt import Preempted
+
+    try:
+        return _dispatch(cfg, a)
+    except Preempted as stop:  # SIGTERM: checkpointed; the same command resumes from it
+        print(f"mimflow: {stop}; run the same command again to resume", file=sys.stderr, flush=True)
+        return 0
+    except (NonFiniteLossError, CheckpointError, UnsafeCheckpointError) as err:
+        print(f"mimflow: {err}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _dispatch(cfg: Config, a) -> int:

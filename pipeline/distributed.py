@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
 
 from pipeline.config import RunConfig
 
@@ -12,11 +13,51 @@ def make_accelerator(run: RunConfig) -> Accelerator:
     cpu = run.device == "cpu" or (run.device == "auto" and not torch.cuda.is_available())
     if run.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run.device=cuda but no CUDA device is visible")
+    if run.fsdp and cpu:
+        raise RuntimeError("run.fsdp=true needs CUDA devices (accelerate runs plain DDP on CPU)")
+    # Shuffles are a function of (seed, epoch): the same on every rank, and a resumed epoch draws
+    # the same order again, whatever data-loader workers did with the loader's generator.
+    loaders = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed)
     accelerator = Accelerator(cpu=cpu, mixed_precision=run.mixed_precision,
-                              gradient_accumulation_steps=run.gradient_accumulation_steps)
-    # Same seed on every rank: identical initial weights; the sampler shards the data.
+                              gradient_accumulation_steps=run.gradient_accumulation_steps,
+                              fsdp_plugin=fsdp_plugin() if run.fsdp else None, dataloader_config=loaders)
+    # Same seed on every rank: identical initial weights (stages then call seed_per_rank); the
+    # sampler shards the data.
     set_seed(run.seed)
     return accelerator
+
+
+def fsdp_plugin():
+    """FSDP2, one shard unit per transformer block (timm's and lightly's ViT blocks are `Block`).
+
+    `accelerate launch --config_file scripts/accelerate_fsdp.yaml` sets the same up from the
+    environment; run.fsdp=true does it under torchrun.
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Block"],
+        reshard_after_forward=True, state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+
+
+def set_activation_checkpointing(model: nn.Module, enable: bool) -> int:
+    """Recompute transformer-block activations in backward (timm ViTs and lightly's masked ViT
+    wrappers both expose set_grad_checkpointing) -> how many modules were switched."""
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "set_grad_checkpointing"):
+            module.set_grad_checkpointing(enable)
+            switched += 1
+    if enable and not switched:
+        raise ValueError(f"run.activation_checkpointing=true, but {type(model).__name__} has no "
+                         "set_grad_checkpointing")
+    return switched
+
+
+def seed_per_rank(accelerator: Accelerator, seed: int) -> None:
+    """Once the model is built (identically on every rank): one random stream per rank, so that
+    ranks draw different MAE masks and drop-path patterns for their different images."""
+    set_seed(seed, device_specific=accelerator.num_processes > 1)
 
 
 def show_progress(accelerator: Accelerator, run: RunConfig) -> bool:

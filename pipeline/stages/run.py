@@ -1,13 +1,23 @@
-"""All stages in one MLflow parent run, one nested child run per stage."""
+"""All stages in one MLflow parent run, one nested child run per stage.
+
+A killed `mimflow run`, started again with the same config, continues where it stopped: it
+reopens the same parent run, skips the stages that finished (their results are recorded), and
+reopens the interrupted stage's child run, which resumes from its newest checkpoint.
+"""
 from __future__ import annotations
 
+import json
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from pipeline.config import Config, save_config
 from pipeline.data.manifest import load_manifest, select
 from pipeline.distributed import make_accelerator
+from pipeline.engine.checkpoint import atomic_write_text
+from pipeline.stages.common import stage_dir
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.finetune import finetune
 from pipeline.stages.prepare import prepare
@@ -17,10 +27,75 @@ from pipeline.tracking.mlflow import fetch, tracked_run
 
 
 def log_config(cfg: Config, tracker) -> None:
+    if tracker.run_id is None:  # ranks other than 0 log nothing (and write no file for it)
+        return
     tracker.log_params(cfg.flat())
     with tempfile.TemporaryDirectory() as tmp:
         save_config(cfg, Path(tmp) / "config.yaml")
         tracker.log_artifact(Path(tmp) / "config.yaml")
+
+
+RECORD = "run.json"  # in <output_dir>/<name>/ (the parent run) and in every stage's folder
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+class StageRuns:
+    """Which MLflow run each stage continues, from records that rank 0 writes as stages start
+    and finish. Every rank reads them before any is written, so all ranks decide alike.
+
+    pipeline=True (`mimflow run`): a parent whose record says "running" is reopened; within it,
+    finished stages are skipped (their recorded result is reused) and a running one is reopened.
+    pipeline=False (one stage alone): a stage left "running" by a killed command is reopened.
+    checkpoint.resume=never: always new runs.
+    """
+
+    def __init__(self, cfg: Config, acc, pipeline: bool):
+        self.cfg, self.acc, self.pipeline = cfg, acc, pipeline
+        self.resume = cfg.checkpoint.resume != "never"
+        self.parent_path = Path(cfg.run.output_dir) / cfg.run.name / RECORD
+        rec = _read(self.parent_path) if pipeline and self.resume else None
+        self.reopen_parent = rec["run_id"] if rec and rec.get("status") == "running" else None
+        self.parent_id: str | None = None
+        acc.wait_for_everyone()
+
+    def _write(self, path: Path, record: dict) -> None:
+        if self.acc.is_main_process:
+            atomic_write_text(path, json.dumps(record, indent=2, default=str))
+
+    @contextmanager
+    def parent(self, tags: dict) -> Iterator:
+        with tracked_run(self.cfg.tracking, self.acc.is_main_process, self.cfg.run.name, tags,
+                         run_id=self.reopen_parent) as t:
+            self.parent_id = t.run_id
+            self._write(self.parent_path, {"run_id": t.run_id, "status": "running"})
+            yield t
+            self._write(self.parent_path, {"run_id": t.run_id, "status": "finished"})
+
+    def stage(self, name: str, tags: dict, fn: Callable, collective: bool = True):
+        """fn(tracker) -> a JSON-able result, run in the stage's (new or reopened) MLflow run."""
+        path = stage_dir(self.cfg, name) / RECORD
+        rec = _read(path) if self.resume else None
+        ours = rec is not None and (rec.get("parent_run_id") == self.reopen_parent if self.pipeline
+                                    else rec.get("parent_run_id") is None)
+        if ours and self.pipeline and self.reopen_parent and rec.get("status") == "finished":
+            if self.acc.is_main_process:
+                print(f"{name}: finished before the restart (MLflow run {rec['run_id']}); not redone", flush=True)
+            return rec["result"]
+        run_id = rec["run_id"] if ours and rec.get("status") == "running" else None
+        if collective:
+            self.acc.wait_for_everyone()  # all ranks have read the record before it changes
+        with tracked_run(self.cfg.tracking, self.acc.is_main_process, name, tags, run_id=run_id) as t:
+            record = {"run_id": t.run_id, "parent_run_id": self.parent_id, "status": "running"}
+            self._write(path, record)
+            result = fn(t)
+            self._write(path, {**record, "status": "finished", "result": result})
+        return result
 
 
 def resolve_init(cfg: Config, encoder: Path | None) -> Path | None:
@@ -38,18 +113,22 @@ def resolve_init(cfg: Config, encoder: Path | None) -> Path | None:
 def run_pipeline(cfg: Config) -> dict:
     """prepare -> pretrain -> finetune (-> scratch baseline) -> evaluate -> register."""
     start = time.time()
+    if cfg.checkpoint.resume not in ("auto", "never"):
+        raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r}: a checkpoint path is for one stage "
+                         "(mimflow pretrain / finetune); mimflow run resumes with auto")
     acc = make_accelerator(cfg.run)
     main = acc.is_main_process
     summary: dict = {}
-    with tracked_run(cfg.tracking, main, cfg.run.name, {"mimflow.stage": "run"}) as parent:
+    runs = StageRuns(cfg, acc, pipeline=True)
+    with runs.parent({"mimflow.stage": "run"}) as parent:
         log_config(cfg, parent)
-        with tracked_run(cfg.tracking, main, "prepare", {"mimflow.stage": "prepare"}) as t:
-            prepared = prepare(cfg, acc, t)
+        prepared = Path(runs.stage("prepare", {"mimflow.stage": "prepare"}, lambda t: str(prepare(cfg, acc, t))))
         encoder = None
         if cfg.finetune.init == "pretrained":
-            with tracked_run(cfg.tracking, main, "pretrain", {"mimflow.stage": "pretrain"}) as t:
+            def _pretrain(t):
                 log_config(cfg, t)
-                encoder = pretrain(cfg, prepared, acc, t)
+                return str(pretrain(cfg, prepared, acc, t))
+            encoder = Path(runs.stage("pretrain", {"mimflow.stage": "pretrain"}, _pretrain))
         if not select(load_manifest(prepared / "manifest.csv"), "train"):
             # An unlabelled-only data set: pretraining is the job; its encoder is the product.
             summary.update(encoder=str(encoder), parent_run_id=parent.run_id, seconds=time.time() - start)
@@ -59,15 +138,18 @@ def run_pipeline(cfg: Config) -> dict:
             variants.append(("finetune_scratch", None))
         classifiers = {}
         for name, init in variants:
-            with tracked_run(cfg.tracking, main, name, {"mimflow.stage": "finetune"}) as t:
+            def _finetune(t, name=name, init=init):
                 log_config(cfg, t)
-                classifiers[name] = finetune(cfg, prepared, init, acc, t, name=name)
+                return str(finetune(cfg, prepared, init, acc, t, name=name))
+            classifiers[name] = Path(runs.stage(name, {"mimflow.stage": "finetune"}, _finetune))
             eval_name = name.replace("finetune", "evaluate")
-            with tracked_run(cfg.tracking, main, eval_name, {"mimflow.stage": "evaluate"}) as t:
-                summary[name] = evaluate(cfg, prepared, classifiers[name], acc, t, name=eval_name)
+            summary[name] = runs.stage(eval_name, {"mimflow.stage": "evaluate"},
+                                       lambda t, n=name, e=eval_name: evaluate(cfg, prepared, classifiers[n], acc, t,
+                                                                               name=e))
         if main:
-            with tracked_run(cfg.tracking, main, "register", {"mimflow.stage": "register"}) as t:
-                summary["model_uri"] = register(cfg, prepared, classifiers["finetune"], t)
+            summary["model_uri"] = runs.stage("register", {"mimflow.stage": "register"},
+                                              lambda t: register(cfg, prepared, classifiers["finetune"], t),
+                                              collective=False)
             parent.log_metrics({k: v for k, v in summary["finetune"].items()})
             summary["parent_run_id"] = parent.run_id
     summary["seconds"] = time.time() - start

@@ -16,6 +16,7 @@ from pipeline.data.stats import load_stats
 from pipeline.distributed import make_accelerator
 from pipeline.engine.loop import train_one_epoch
 from pipeline.engine.optim import make_optimizer, warmup_cosine
+from pipeline.engine.state import LoopState
 from pipeline.models.backbones import create_backbone
 from pipeline.stages.common import make_loader
 from pipeline.stages.pretrain import build_mim_model
@@ -32,7 +33,7 @@ def run(acc, model, loader, loss_fn, cfg):
     before = flat_params(acc.unwrap_model(model)).clone()
     first = next(iter(loader))[0].sum()[None]
     train_one_epoch(model, loader, optimizer, warmup_cosine(optimizer, 1, 10), acc, loss_fn,
-                    NullTracker(), 0, "ddp", 1, False)
+                    NullTracker(), LoopState(), "ddp", 1, False)
     after = flat_params(acc.unwrap_model(model))
     per_rank = acc.gather(after[None])  # [world, P]
     firsts = acc.gather(first)  # [world]
