@@ -38,3 +38,16 @@ def finish(path: Path, arr: np.ndarray) -> np.ndarray:
 def channels_first(arr: np.ndarray) -> np.ndarray:
     """[H, W] -> [1, H, W]; [H, W, C] -> [C, H, W]."""
     return arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+
+
+def pick_one(path: Path, images: list[np.ndarray], index: int | None, what: str) -> np.ndarray:
+    """One of the images a file holds: `index` is required when there are several.
+    `what` names them in messages ("frames", "slices", "images")."""
+    if index is None:
+        if len(images) > 1:
+            raise ReadError(f"{path}: holds {len(images)} {what}; pass index= (0..{len(images) - 1}) "
+                            "or use read_images()")
+        index = 0
+    if not -len(images) <= index < len(images):
+        raise ReadError(f"{path}: {what} index {index} out of range for {len(images)} {what}")
+    return images[index]

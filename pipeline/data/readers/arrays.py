@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import OptionError, ReadError, finish
+from ._common import OptionError, ReadError, finish, pick_one
 
 NPZ_SPLITS = ("train", "val", "test")
 
@@ -60,15 +60,7 @@ def read_npz_images(path: Path, split: str | None = None) -> list[np.ndarray]:
 
 def read_npz(path: Path, index: int | None = None, split: str | None = None) -> np.ndarray:
     """One image of an .npz -> float32 [C, H, W]; `index` is required when it holds several."""
-    images = read_npz_images(path, split)
-    if index is None:
-        if len(images) > 1:
-            raise ReadError(f"{path}: .npz with {len(images)} images; pass index= or use "
-                            f"read_images() / read_npz_split()")
-        index = 0
-    if not -len(images) <= index < len(images):
-        raise ReadError(f"{path}: image index {index} out of range for {len(images)} image(s)")
-    return images[index]
+    return pick_one(path, read_npz_images(path, split), index, "images")
 
 
 def _open_npz(path: Path):

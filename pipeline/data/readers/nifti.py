@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import OptionError, ReadError, finish
+from ._common import OptionError, ReadError, finish, pick_one
 
 
 def read_nifti_slices(path: Path, axis: int = 2, min_nonzero_fraction: float = 0.01,
@@ -40,15 +40,7 @@ def read_nifti_slices(path: Path, axis: int = 2, min_nonzero_fraction: float = 0
 def read_nifti(path: Path, index: int | None = None, axis: int = 2,
                min_nonzero_fraction: float = 0.01, canonical: bool = True) -> np.ndarray:
     """One kept slice -> float32 [1, H, W]; `index` is required when more than one is kept."""
-    slices = read_nifti_slices(path, axis, min_nonzero_fraction, canonical)
-    if index is None:
-        if len(slices) > 1:
-            raise ReadError(f"{path}: NIfTI volume with {len(slices)} slices; pass index= "
-                            f"(0..{len(slices) - 1}) or use read_images()")
-        index = 0
-    if not -len(slices) <= index < len(slices):
-        raise ReadError(f"{path}: slice index {index} out of range for {len(slices)} kept slice(s)")
-    return slices[index]
+    return pick_one(path, read_nifti_slices(path, axis, min_nonzero_fraction, canonical), index, "slices")
 
 
 def _load(path: Path, canonical: bool) -> np.ndarray:
