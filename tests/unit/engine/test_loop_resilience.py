@@ -78,6 +78,19 @@ def run_epoch(acc, model, loader, loss_fn=mse, lr=0.05, **kwargs):
     return state, tracker, loss, model
 
 
+def checkpointed(acc, root, ckpt_cfg, config=None, shuffle=False, opt_cls=torch.optim.SGD,
+                 lr_lambda=lambda s: 1.0):
+    """The toy model prepared by `acc`, with its scheduler and a Checkpointer under `root`
+    -> (model, opt, sched, loader, ckpt)."""
+    model, loader, gen = toy(shuffle=shuffle)
+    opt = opt_cls(model.parameters(), lr=0.05)
+    model, opt, loader = acc.prepare(model, opt, loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    ckpt = Checkpointer(ckpt_cfg, root, "toy", acc, Recorder(), model, opt, sched, gen, None, config or {},
+                        batches_per_epoch=len(loader))
+    return model, opt, sched, loader, ckpt
+
+
 def test_a_nonfinite_loss_skips_its_update_on_and_is_counted(make_acc):
     model, loader, _ = toy()
     calls, snapshots = [], []
@@ -100,12 +113,7 @@ def test_a_nonfinite_loss_skips_its_update_on_and_is_counted(make_acc):
 
 def test_nonfinite_steps_in_a_row_stop_naming_the_step_and_keep_the_last_good_checkpoint(make_acc, tmp_path):
     acc = make_acc()
-    model, loader, gen = toy()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    model, opt, loader = acc.prepare(model, opt, loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ckpt = Checkpointer(CheckpointConfig(every_steps=1, keep_last=3), tmp_path, "toy", acc, Recorder(), model,
-                        opt, sched, gen, None, {}, batches_per_epoch=len(loader))
+    model, opt, sched, loader, ckpt = checkpointed(acc, tmp_path, CheckpointConfig(every_steps=1, keep_last=3))
     state = ckpt.restore()
     calls = []
 
@@ -150,12 +158,7 @@ def test_gradient_clipping_bounds_the_update_and_logs_the_norm(make_acc):
 
 def test_sigterm_checkpoints_at_the_next_step_and_raises_preempted(make_acc, tmp_path):
     acc = make_acc()
-    model, loader, gen = toy()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    model, opt, loader = acc.prepare(model, opt, loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ckpt = Checkpointer(CheckpointConfig(every_steps=0, sigterm_grace_s=30), tmp_path, "toy", acc, Recorder(),
-                        model, opt, sched, gen, None, {}, batches_per_epoch=len(loader))
+    model, opt, sched, loader, ckpt = checkpointed(acc, tmp_path, CheckpointConfig(every_steps=0, sigterm_grace_s=30))
     state, calls = ckpt.restore(), []
 
     def loss_fn(m, b):
@@ -179,13 +182,8 @@ def test_resuming_mid_epoch_replays_the_same_batches_and_weights(make_acc, tmp_p
     (also under bf16 autocast, which CPUs support)."""
     def fresh(root, every):
         acc = make_acc(mixed_precision=precision)
-        model, loader, gen = toy(shuffle=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-        model, opt, loader = acc.prepare(model, opt, loader)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-        ckpt = Checkpointer(CheckpointConfig(every_steps=every), root, "toy", acc, Recorder(), model, opt, sched,
-                            gen, None, {}, batches_per_epoch=len(loader))
-        return acc, model, opt, sched, loader, ckpt
+        return (acc, *checkpointed(acc, root, CheckpointConfig(every_steps=every), shuffle=True,
+                                   opt_cls=torch.optim.AdamW, lr_lambda=lambda s: 1.0 / (1 + s)))
 
     def noisy(m, b):  # uses the global RNG, like MAE's masking
         return mse(m, b) + 0.01 * torch.rand(()) * m.weight.sum()
@@ -275,14 +273,8 @@ def test_a_changed_config_blocks_auto_resume_but_not_a_named_checkpoint(make_acc
     from pipeline.engine.checkpoint import CheckpointError
 
     def checkpointer(resume, clip):
-        acc = make_acc()
-        model, loader, gen = toy()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        model, opt, loader = acc.prepare(model, opt, loader)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        return Checkpointer(CheckpointConfig(resume=resume), tmp_path, "toy", acc, Recorder(), model, opt, sched,
-                            gen, None, {"pretrain": {"clip_grad_norm": clip}, "tracking": {"uri": "x"}},
-                            batches_per_epoch=len(loader))
+        config = {"pretrain": {"clip_grad_norm": clip}, "tracking": {"uri": "x"}}
+        return checkpointed(make_acc(), tmp_path, CheckpointConfig(resume=resume), config)[-1]
 
     first = checkpointer("auto", None)
     first.restore()
