@@ -2,39 +2,44 @@
 
 Unknown keys and wrong types fail at load time with a message naming the key:
     >>> load_config("configs/recipes/landsat_mae.yaml", ["pretrain.epochs=5"])
+
+Objectives bring their own section (`pretrain.objective`, tagged by `name`; each is defined in its
+file under pipeline/models/objectives/), and the backbone, its geometry and the objective x
+backbone pair are checked here, at load, naming the keys.
 """
 from __future__ import annotations
 
 import copy
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pipeline.configbase import RESUME_SAFE, Section as _Section, resume_safe, resume_safe_factory
+from pipeline.models.backbones import BACKBONES, backbone_spec, check_geometry, create_encoder
+from pipeline.models.objectives import OBJECTIVES
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 class RunConfig(_Section):
     name: str = "landsat_mae"
     seed: int = 0
-    output_dir: str = "mimflow_runs"  # stage outputs go to <output_dir>/<name>/<stage>
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = resume_safe("mimflow_runs")  # stage outputs go to <output_dir>/<name>/<stage>
+    device: Literal["auto", "cpu", "cuda"] = resume_safe("auto")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_accumulation_steps: int = Field(1, ge=1)
-    num_workers: int = Field(0, ge=0)
-    quiet: bool = False  # no progress bars (CI logs)
+    num_workers: int = resume_safe(0, ge=0)
+    quiet: bool = resume_safe(False)  # no progress bars (CI logs)
     fsdp: bool = False  # shard weights/grads/optimizer state (FSDP2) instead of DDP: for ViT-L/H
-    activation_checkpointing: bool = False  # recompute block activations in backward: less memory
+    # recompute block activations in backward: less memory, same numbers
+    activation_checkpointing: bool = resume_safe(False)
     # a non-finite loss skips its optimizer step; this many in a row stop the run
-    max_consecutive_nonfinite: int = Field(5, ge=1)
+    max_consecutive_nonfinite: int = resume_safe(5, ge=1)
 
 
 class TrackingConfig(_Section):
@@ -64,7 +69,7 @@ class DataConfig(_Section):
     dataset: str = "landsat_landcover"  # datasets/<dataset>/prepare.py builds it
     # passed to the builder as keyword arguments
     options: dict[str, Any] = Field(default_factory=lambda: {"tile_size": 16, "block_size": 64, "pool_stride": 4})
-    root: str = ".mimflow/data"  # prepared data goes to <root>/<dataset>
+    root: str = resume_safe(".mimflow/data")  # prepared data goes to <root>/<dataset>
     # passed to the image readers, e.g. {window: lung} for DICOM, {axis: 2} for NIfTI
     reader_options: dict[str, Any] = Field(default_factory=dict)
     strict: bool = False  # a bad file fails prepare instead of being quarantined
@@ -76,9 +81,10 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: str = "vit_demo"
+    backbone: str = "vit_demo"  # a variant of a registered family: vit_*, deit_* (distilled), swin_*, resnet*
     img_size: int = Field(16, ge=4)
     patch_size: int = Field(2, ge=1)
+    window_size: int | None = Field(None, ge=1)  # Swin only; None: the variant's default
 
     @field_validator("patch_size")
     @classmethod
@@ -89,38 +95,91 @@ class ModelConfig(_Section):
         return v
 
 
+class OptimizerConfig(_Section):
+    """timm's optimizer factory (AdamW by default) with its parameter groups: no weight decay on
+    norms, biases and tokens; optional layer-wise lr decay (BEiT/MAE fine-tuning)."""
+    name: Literal["adamw", "sgd", "momentum", "lars", "lamb"] = "adamw"
+    base_lr: float = Field(1.5e-3, gt=0)  # lr = base_lr * global_batch / 256 (MAE's linear rule)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)  # adam-family optimizers
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd / momentum / lars
+    layer_decay: float | None = Field(None, gt=0, le=1)  # lr x layer_decay^(depth - layer); None: off
+    warmup_epochs: float = Field(2, ge=0)  # linear warmup, then cosine to 0
+    clip_grad_norm: float | None = Field(None, gt=0)  # max global L2 norm of the gradients
+
+
+def _objective_union():
+    configs = tuple(spec.Config for spec in OBJECTIVES.values())
+    if len(configs) == 1:
+        return configs[0]
+    return Annotated[Union[configs], Field(discriminator="name")]
+
+
+ObjectiveSection = _objective_union()
+
+
 class PretrainConfig(_Section):
-    objective: str = "mae"
+    # {name: mae | simmim | ..., <that objective's own keys>}; a plain name is accepted too
+    objective: ObjectiveSection = Field(default_factory=OBJECTIVES["mae"].Config)
+    # continued pretraining: start from these encoder weights (folder, .pt/.pth, run id, runs:/ or models:/ URI)
+    init: str | None = None
     epochs: int = Field(40, ge=1)
     batch_size_per_device: int = Field(128, ge=1)
-    # lr = base_lr * global_batch / 256 (MAE rule); 10x MAE's 1.5e-4 because the demo run is short
-    base_lr: float = Field(1.5e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_epochs: float = Field(2, ge=0)
-    mask_ratio: float = Field(0.75, gt=0, lt=1)
-    decoder_dim: int = Field(64, ge=8)
-    decoder_depth: int = Field(2, ge=1)
-    decoder_heads: int = Field(4, ge=1)
-    norm_pix_loss: bool = True
-    recon_every_epochs: int = Field(5, ge=1)
-    log_every_steps: int = Field(10, ge=1)
-    clip_grad_norm: float | None = Field(None, gt=0)  # max global L2 norm of the gradients
+    # base_lr: 10x MAE's 1.5e-4 because the demo run is short
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    recon_every_epochs: int = resume_safe(5, ge=1)
+    log_every_steps: int = resume_safe(10, ge=1)
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _tag(cls, v):
+        if isinstance(v, str):
+            v = {"name": v}
+        if isinstance(v, dict) and "name" not in v:
+            v = {**v, "name": "mae"}
+        if isinstance(v, dict) and v["name"] not in OBJECTIVES:
+            raise ValueError(f"unknown objective {v['name']!r}; known: {sorted(OBJECTIVES)}")
+        return v
+
+
+class DistillationConfig(_Section):
+    """Hard distillation into a distilled DeiT's second head (Touvron et al. 2021)."""
+    # auto: train a teacher when model.backbone is a distilled DeiT, else none |
+    # none | train (a `teacher` stage on the same labels) | PATH / run id / runs:/ / models:/ of a classifier
+    teacher: str = "auto"
+    teacher_backbone: str = "resnet18"  # when trained here: torchvision resnet18 | resnet50 | resnet_debug
+
+
+# The optimizer each fine-tuning mode starts from; keys given in the recipe override single values.
+# full: MAE's fine-tuning recipe (AdamW, layer decay 0.75); probe: MAE's linear probe (LARS, lr 0.1, no decay).
+MODE_OPTIMIZER = {
+    "full": dict(name="adamw", base_lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.75,
+                 warmup_epochs=2),
+    "probe": dict(name="lars", base_lr=0.1, weight_decay=0.0, layer_decay=None, warmup_epochs=2),
+}
 
 
 class FinetuneConfig(_Section):
-    init: str = "pretrained"  # pretrained | scratch | PATH | runs:/... | models:/...
+    init: str = "pretrained"  # pretrained | scratch | PATH | run id | runs:/... | models:/...
+    mode: Literal["full", "probe"] = "full"  # probe: frozen encoder, BatchNorm + linear head (MAE protocol)
     epochs: int = Field(50, ge=1)
     batch_size_per_device: int = Field(64, ge=1)
-    base_lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    layer_decay: float = Field(0.75, gt=0, le=1)
-    warmup_epochs: float = Field(2, ge=0)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(**MODE_OPTIMIZER["full"]))
     drop_path: float = Field(0.1, ge=0, lt=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     label_fraction: float = Field(0.1, gt=0, le=1)  # the label-scarce setting
-    compare_scratch: bool = True  # in `run`: also fine-tune from scratch as the baseline
-    log_every_steps: int = Field(10, ge=1)
-    clip_grad_norm: float | None = Field(None, gt=0)  # max global L2 norm of the gradients
+    compare_scratch: bool = resume_safe(True)  # in `run`: also fine-tune from scratch as the baseline
+    distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+    log_every_steps: int = resume_safe(10, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_optimizer(cls, data):
+        if isinstance(data, dict):
+            given = data.get("optimizer") or {}
+            if isinstance(given, dict):
+                data = {**data, "optimizer": {**MODE_OPTIMIZER[data.get("mode", "full")], **given}}
+        return data
 
 
 class EvaluateConfig(_Section):
@@ -140,31 +199,81 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = resume_safe_factory(TrackingConfig)  # never changes what training computes
+    checkpoint: CheckpointConfig = resume_safe_factory(CheckpointConfig)  # never changes what training computes
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    register: RegisterConfig = Field(default_factory=RegisterConfig)
+    evaluate: EvaluateConfig = resume_safe_factory(EvaluateConfig)  # never changes what training computes
+    register: RegisterConfig = resume_safe_factory(RegisterConfig)  # never changes what training computes
+
+    @model_validator(mode="after")
+    def _models_can_be_built(self):
+        m = self.model
+        try:
+            spec = backbone_spec(m.backbone)
+        except KeyError as err:
+            raise ValueError(f"model.backbone: {err.args[0]}") from None
+        try:
+            check_geometry(m.backbone, m.img_size, m.patch_size, 1, m.window_size)
+        except ValueError as err:
+            raise ValueError(f"model: {err}") from None
+        if self.finetune.init == "pretrained" or self.pretrain.init:
+            objective = OBJECTIVES[self.pretrain.objective.name]
+            try:
+                objective.check_backbone(spec, m.backbone)
+                import torch
+
+                with torch.device("meta"):
+                    encoder = create_encoder(m.backbone, m.img_size, m.patch_size, 1, m.window_size)
+                objective.check(self.pretrain.objective, encoder, backbone_spec(m.backbone), m.img_size)
+            except ValueError as err:
+                raise ValueError(f"pretrain.objective: {err}") from None
+        teacher = self.finetune.distillation.teacher_backbone
+        if teacher not in BACKBONES:
+            raise ValueError(f"finetune.distillation.teacher_backbone: unknown backbone {teacher!r}; "
+                             f"known: {sorted(BACKBONES)}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values, for MLflow params."""
-        out: dict[str, Any] = {}
+        """Dotted keys -> values (for MLflow params and for comparing configs)."""
+        return flatten(self.to_dict())
 
-        def walk(prefix: str, node: Any) -> None:
-            if isinstance(node, dict) and node:
-                for k, v in node.items():
-                    walk(f"{prefix}.{k}" if prefix else k, v)
-            else:
-                out[prefix] = node
 
-        walk("", self.to_dict())
-        return out
+def stage_dir(cfg: Config, stage: str) -> Path:
+    """Where a stage of this run writes: <run.output_dir>/<run.name>/<stage>."""
+    return Path(cfg.run.output_dir) / cfg.run.name / stage
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {dotted key: leaf value}; an empty dict is a leaf. The one flattener."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_safe_keys(model: type[_Section] = None, prefix: str = "") -> set[str]:
+    """Dotted keys marked resume_safe in the tree (they, and every key under them, may change when
+    a run resumes)."""
+    model = model or Config
+    keys = set()
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get(RESUME_SAFE):
+            keys.add(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, _Section):
+            keys |= resume_safe_keys(ann, f"{prefix}{name}.")
+    return keys
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -172,6 +281,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
         child = node.setdefault(k, {})
+        if isinstance(child, str):  # a tagged section given by name (pretrain.objective=simmim), then its keys
+            child = node[k] = {"name": child}
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
         node = child
@@ -193,6 +304,8 @@ def parse_overrides(overrides: list[str] | None) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), str) and "name" not in v:
+            out[k] = {"name": out[k]}  # a tagged section given by name in the recipe, keys from overrides
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
             out[k] = _merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):  # data.options merges too
@@ -208,16 +321,22 @@ def config_from_dict(tree: dict, source: str = "config") -> Config:
     except ValidationError as err:
         lines = []
         for e in err.errors():
-            key = ".".join(str(p) for p in e["loc"])
-            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-            lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
+            loc = [str(p) for p in e["loc"]]
+            note = ""
+            if loc[:2] == ["pretrain", "objective"] and len(loc) > 3 and loc[2] in OBJECTIVES:
+                note = f" for objective {loc.pop(2)!r}"  # the union's tag is no key of the recipe
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+            if not loc:  # a check across sections: its message names the keys
+                lines.append(f"  {msg}")
+                continue
+            lines.append(f"  {'.'.join(loc)}: {msg}{note} (got {e.get('input')!r})")
         raise ConfigError(f"invalid {source}:\n" + "\n".join(lines)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """YAML file (optional) + dotted overrides -> validated Config."""
     tree: dict = {}
-    source = "defaults"
+    source = "overrides" if overrides else "defaults"
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -1,34 +1,35 @@
-"""Move encoder weights between pretraining and fine-tuning, checking what does not fit."""
+"""Move encoder weights into a classifier, checking that exactly the head (and the family's
+declared additions, e.g. DeiT's distillation token) is left to train: MAE's fine-tuning contract."""
 from __future__ import annotations
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from pipeline.models.backbones import head_keys
+from pipeline.models.backbones import BackboneSpec, head_keys
 
 
-def adapt_encoder_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Resize the position embedding to `model`'s grid; refuse a channel-count mismatch."""
-    state = dict(state)
+def load_encoder(model: nn.Module, state: dict[str, torch.Tensor], spec: BackboneSpec) -> set[str]:
+    """Load an encoder state dict into the classifier `model` of family `spec`.
+
+    The family adapts what depends on the geometry (position embeddings, relative-position
+    tables). Raises ValueError when a key is missing that is not the head or a declared
+    addition, when a key is left over, or when shapes differ (channel count or patch size).
+    -> the keys left at their fresh initialisation (head + additions).
+    """
+    state = spec.adapt_encoder(state, model)
+    expected = head_keys(model, spec) | (spec.additions(model) - set(state))
+    expected &= set(model.state_dict())
     target = model.state_dict()
-    w = state.get("patch_embed.proj.weight")
-    if w is not None and w.shape != target["patch_embed.proj.weight"].shape:
-        raise ValueError(f"encoder patch embedding {tuple(w.shape)} does not fit the model's "
-                         f"{tuple(target['patch_embed.proj.weight'].shape)} ([D, C, P, P]): "
-                         "channel count or patch size differ")
-    pe = state.get("pos_embed")
-    if pe is not None and pe.shape != target["pos_embed"].shape:
-        grid = model.patch_embed.grid_size
-        state["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(grid),
-                                                    num_prefix_tokens=model.num_prefix_tokens)
-    return state
-
-
-def load_encoder(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a pretrained encoder into a classifier; exactly the head may be missing (MAE contract)."""
-    result = model.load_state_dict(adapt_encoder_state(state, model), strict=False)
-    expected = head_keys(model)
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
+             if k in target and v.shape != target[k].shape]
+    if wrong:
+        raise ValueError(f"encoder does not fit the {spec.family} classifier: shapes differ for {wrong[:4]}")
+    result = model.load_state_dict(state, strict=False)
+    # torch fills a missing BatchNorm step counter itself (old-format compatibility): not reported
+    expected = {k for k in expected if not k.endswith("num_batches_tracked")}
     if set(result.missing_keys) != expected or result.unexpected_keys:
-        raise ValueError(f"encoder does not fit the classifier: missing {sorted(result.missing_keys)} "
-                         f"(expected exactly {sorted(expected)}), unexpected {sorted(result.unexpected_keys)}")
+        missing = sorted(set(result.missing_keys) - expected)
+        raise ValueError(f"encoder does not fit the {spec.family} classifier: missing {missing[:8]}"
+                         f"{f' (+{len(missing) - 8} more)' if len(missing) > 8 else ''} (only "
+                         f"{sorted(expected)} may be), unexpected {sorted(result.unexpected_keys)[:8]}")
+    return expected

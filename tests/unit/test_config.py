@@ -17,9 +17,9 @@ def test_every_shipped_recipe_validates(path):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(None, ["pretrain.epochs=3", "pretrain.mask_ratio=0.6", "run.quiet=true",
+    cfg = load_config(None, ["pretrain.epochs=3", "pretrain.objective.mask_ratio=0.6", "run.quiet=true",
                              "data.options.pool_stride=4"])
-    assert cfg.pretrain.epochs == 3 and cfg.pretrain.mask_ratio == 0.6 and cfg.run.quiet is True
+    assert cfg.pretrain.epochs == 3 and cfg.pretrain.objective.mask_ratio == 0.6 and cfg.run.quiet is True
     assert cfg.data.options["pool_stride"] == 4
 
 
@@ -38,7 +38,7 @@ def test_wrong_type_names_the_key(tmp_path):
 
 def test_out_of_range_and_inconsistent_values_fail():
     with pytest.raises(ConfigError, match="mask_ratio"):
-        load_config(None, ["pretrain.mask_ratio=1.5"])
+        load_config(None, ["pretrain.objective.mask_ratio=1.5"])
     with pytest.raises(ConfigError, match="patch_size=5 does not divide img_size=16"):
         load_config(None, ["model.patch_size=5"])
 
@@ -50,5 +50,61 @@ def test_malformed_override():
 
 def test_flat_keys_cover_every_section():
     flat = load_config().flat()
-    assert flat["pretrain.mask_ratio"] == 0.75
+    assert flat["pretrain.objective.mask_ratio"] == 0.75 and flat["pretrain.objective.name"] == "mae"
     assert {k.split(".")[0] for k in flat} == set(Config.model_fields)
+
+
+def test_each_objective_has_its_own_section_and_its_own_unknown_keys():
+    cfg = load_config(None, ["pretrain.objective=simmim", "pretrain.objective.mask_patch_size=4"])
+    assert cfg.pretrain.objective.name == "simmim" and cfg.pretrain.objective.mask_patch_size == 4
+    with pytest.raises(ConfigError, match=r"pretrain\.objective\.decoder_dim: unknown key for objective 'simmim'"):
+        load_config(None, ["pretrain.objective.name=simmim", "pretrain.objective.decoder_dim=32"])
+    with pytest.raises(ConfigError, match=r"unknown objective 'nope'; known: \['mae', 'simmim'"):
+        load_config(None, ["pretrain.objective=nope"])
+
+
+def test_a_recipe_names_an_objective_and_overrides_add_its_keys(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {backbone: swin_debug, patch_size: 2}\npretrain: {objective: simmim}\n")
+    cfg = load_config(path, ["pretrain.objective.mask_ratio=0.5"])
+    assert cfg.pretrain.objective.name == "simmim" and cfg.pretrain.objective.mask_ratio == 0.5
+
+
+def test_an_unsupported_objective_backbone_pair_fails_at_load_naming_both():
+    with pytest.raises(ConfigError, match=r"objective 'mae' cannot pretrain backbone 'swin_debug' \(family 'swin'\)"):
+        load_config(None, ["model.backbone=swin_debug"])
+    # the same backbone is fine when nothing is pretrained
+    assert load_config(None, ["model.backbone=swin_debug", "finetune.init=scratch"]).model.backbone == "swin_debug"
+
+
+def test_unknown_backbones_and_geometries_fail_at_load_with_the_reason():
+    with pytest.raises(ConfigError, match=r"model\.backbone: unknown backbone 'vit_hueg'; known: \["):
+        load_config(None, ["model.backbone=vit_hueg"])
+    with pytest.raises(ConfigError, match=r"model\.window_size=4: backbone 'vit_debug' \(vit\) has no windows"):
+        load_config(None, ["model.backbone=vit_debug", "model.window_size=4"])
+    with pytest.raises(ConfigError, match=r"mask_patch_size=6 must be a multiple of model.patch_size=2"):
+        load_config(None, ["model.backbone=swin_debug", "pretrain.objective=simmim",
+                           "pretrain.objective.mask_patch_size=6"])
+    with pytest.raises(ConfigError, match=r"img_size=16 must be a multiple of the encoder's output stride 32"):
+        load_config(None, ["model.backbone=swin_tiny", "model.patch_size=4", "pretrain.objective=simmim",
+                           "pretrain.objective.mask_patch_size=8"])
+
+
+def test_the_probe_starts_from_maes_linear_probe_optimizer():
+    probe = load_config(None, ["finetune.mode=probe", "finetune.optimizer.base_lr=0.05"]).finetune.optimizer
+    assert (probe.name, probe.base_lr, probe.weight_decay, probe.layer_decay) == ("lars", 0.05, 0.0, None)
+    full = load_config(None).finetune.optimizer
+    assert (full.name, full.layer_decay, full.betas) == ("adamw", 0.75, (0.9, 0.999))
+
+
+def test_override_errors_are_not_headed_defaults():
+    with pytest.raises(ConfigError, match="^invalid overrides:"):
+        load_config(None, ["pretrain.epochs=0"])
+
+
+def test_resume_safe_keys_are_declared_by_the_config_itself():
+    from pipeline.config import resume_safe_keys
+
+    safe = resume_safe_keys()
+    assert {"run.quiet", "run.num_workers", "data.root", "tracking", "pretrain.log_every_steps"} <= safe
+    assert not {"run.seed", "pretrain.objective", "model.backbone", "finetune.optimizer"} & safe

@@ -1,23 +1,43 @@
 """MAE (He et al. 2021) around a stock timm ViT, built from lightly's masked-ViT modules."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from lightly.models import utils
 from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
-from timm.models.vision_transformer import VisionTransformer
+from pydantic import Field
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+
+from pipeline.configbase import ObjectiveConfig
+from pipeline.models.objectives import ObjectiveSpec
+
+
+class MAEConfig(ObjectiveConfig):
+    name: Literal["mae"] = "mae"
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    decoder_dim: int = Field(64, ge=8)  # MAE's ViT-B recipe: 512 wide, 8 deep, 16 heads
+    decoder_depth: int = Field(2, ge=1)
+    decoder_heads: int = Field(4, ge=1)
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets (the paper's default)
 
 
 class MAE(nn.Module):
     def __init__(self, vit: VisionTransformer, mask_ratio: float = 0.75, decoder_dim: int = 512,
-                 decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True):
+                 decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
+                 fresh: bool = True):
         super().__init__()
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.patch_size = vit.patch_embed.patch_size[0]
         self.in_chans = vit.patch_embed.proj.in_channels
-        # The encoder wraps the very ViT object that fine-tuning loads later.
-        self.backbone = MaskedVisionTransformerTIMM(vit=vit)
+        # The encoder wraps the very ViT object that fine-tuning loads later. lightly re-initialises
+        # it (MAE's init, sin-cos position embedding) unless told to skip: continued pretraining
+        # (fresh=False) keeps the loaded weights.
+        init = "" if fresh else "skip"
+        self.backbone = MaskedVisionTransformerTIMM(vit=vit, weight_initialization=init,
+                                                    pos_embed_initialization="sincos" if fresh else "skip")
         # MAE drops masked tokens (idx_keep) instead of replacing them, so the encoder's mask
         # token gets no gradient; frozen, DDP does not wait for it.
         self.backbone.mask_token.requires_grad_(False)
@@ -57,8 +77,11 @@ class MAE(nn.Module):
             target = (target - mean) / (var + 1e-6) ** 0.5
         return ((pred - target) ** 2).mean()
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images [B, C, H, W] -> loss, pred [B, L_mask, P*P*C], mask [B, L] (1 = masked)."""
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """images [B, C, H, W] -> loss, pred [B, L_mask, P*P*C], mask [B, L] (1 = masked).
+        MAE draws its own masks (torch RNG); `mask` must be None."""
+        if mask is not None:
+            raise ValueError("MAE draws its own masks; the data pipeline must not pass one")
         B, C = images.shape[:2]
         if C != self.in_chans:
             raise ValueError(f"MAE expects {self.in_chans} channels, got images of shape {tuple(images.shape)}")
@@ -67,11 +90,12 @@ class MAE(nn.Module):
         loss = self.forward_loss(images, pred, idx_mask)
         mask = torch.zeros(B, self.sequence_length - 1, device=images.device)
         mask.scatter_(1, idx_mask - 1, 1.0)
-        return {"loss": loss, "pred": pred, "mask": mask, "idx_mask": idx_mask}
+        return {"loss": loss, "pred": pred, "mask": mask, "idx_mask": idx_mask, "metrics": {}}
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """For plots: masked input and reconstruction, both [B, C, H, W] in input units."""
+    def reconstruct(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """For plots: masked input and reconstruction, both [B, C, H, W] in input units, and the
+        patch mask [B, L] (1 = masked)."""
         out = self(images)
         patches = utils.patchify(images, self.patch_size)  # [B, L, P*P*C]
         pred = out["pred"]
@@ -82,4 +106,14 @@ class MAE(nn.Module):
         masked = patches * (1 - out["mask"]).unsqueeze(-1)
         return {"masked": utils.unpatchify(masked, self.patch_size, self.in_chans),
                 "recon": utils.unpatchify(recon, self.patch_size, self.in_chans),
-                "loss": out["loss"]}
+                "mask": out["mask"], "loss": out["loss"]}
+
+
+def build(encoder: VisionTransformer, backbone, section: MAEConfig, fresh: bool = True) -> MAE:
+    return MAE(encoder, mask_ratio=section.mask_ratio, decoder_dim=section.decoder_dim,
+               decoder_depth=section.decoder_depth, decoder_heads=section.decoder_heads,
+               norm_pix_loss=section.norm_pix_loss, fresh=fresh)
+
+
+SPEC = ObjectiveSpec(name="mae", Config=MAEConfig, build=build, supports=frozenset({"vit"}),
+                     block_classes=(Block,), debug=dict(decoder_dim=16, decoder_depth=1, decoder_heads=2))
