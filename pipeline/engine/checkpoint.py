@@ -1,15 +1,12 @@
-"""Weights and training checkpoints as safetensors + JSON, written atomically.
+"""Training checkpoint folders as safetensors + JSON, written atomically (weights folders: pipeline/weights.py).
 
-The one place files of weights are touched. Nothing here unpickles: checkpoints are safetensors
-(no code) plus JSON, and the only torch.load (foreign .pt/.pth files) uses weights_only=True.
+Nothing here unpickles: checkpoints are safetensors (no code) plus JSON.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,105 +14,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.fsutil import fsync_path
+from pipeline.fsutil import atomic_write, fsync_path
 
-WEIGHTS = "model.safetensors"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-META = "meta.json"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then fsync + rename: a kill mid-write never leaves a broken file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would; mkstemp's 0600 hides results on shared disks
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def save_weights(state: dict[str, torch.Tensor], directory: str | Path, meta: dict) -> Path:
-    """-> directory holding model.safetensors and meta.json (meta gains git_sha)."""
-    directory = Path(directory)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    _atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    meta = {**meta, "git_sha": meta.get("git_sha") or git_sha()}
-    _atomic_write(directory / META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
-    return directory
-
-
-def load_weights(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A mimflow weights folder (safetensors + meta.json), or a foreign .pt/.pth/.bin file
-    (weights only, empty meta). Loading never executes pickled code."""
-    directory = Path(directory)
-    if directory.is_file() and directory.suffix in TORCH_SUFFIXES:
-        return _foreign_state(directory), {}
-    for name in (WEIGHTS, META):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory}: no {name} (expected a mimflow weights folder)")
-    return load_file(directory / WEIGHTS), json.loads((directory / META).read_text())
-
-
-# ---------------------------------------------------------------------------------------------
-# Foreign torch files: the one place torch.load is called, and only with weights_only=True.
-
-class UnsafeCheckpointError(RuntimeError):
-    """A file would need pickle code execution to load; it is refused, never run."""
-
-
-TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-
-
-def _foreign_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a torch file, also inside {"model": ...} (MAE's releases) or {"state_dict": ...}."""
-    obj = load_torch_file(path)
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UnsafeCheckpointError(f"{path}: not a state dict of tensors")
-    return obj
-
-
-def load_torch_file(path: str | Path) -> dict:
-    """A torch-pickled file (.pt/.pth/.bin) loaded with weights_only=True: tensors and plain
-    containers only. Anything else (e.g. a pickle whose __reduce__ runs code) is refused."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError, ...: all mean "not plain weights"
-        raise UnsafeCheckpointError(f"{path}: refused to load: it is not a plain-weights torch file "
-                                    f"(torch.load weights_only=True said: {str(err).splitlines()[0]})") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Training checkpoints: a folder per checkpoint (tensors.safetensors + state.json) and one
+# A folder per checkpoint (tensors.safetensors + state.json) and one
 # atomically replaced index.json listing them, newest last. "Latest" is read from the index,
 # never from folder names; a folder appears in the index only after it was written completely.
 
 INDEX = "index.json"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
-FORMAT = 1
+FORMAT = 2  # 2: a tree of named components (Checkpointer states)
 
 
 class CheckpointError(RuntimeError):
@@ -179,7 +87,7 @@ class CheckpointDir:
         return index
 
     def _write_index(self, index: dict) -> None:
-        _atomic_write(self.root / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+        atomic_write(self.root / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
         fsync_path(self.root)
 
     def clear(self) -> None:
@@ -201,8 +109,8 @@ class CheckpointDir:
         tmp = self.root / f".tmp-{final.name}"
         tmp.mkdir()
         try:
-            _atomic_write(tmp / TENSORS, lambda p: save_file(tensors, p))
-            _atomic_write(tmp / STATE, lambda p: Path(p).write_text(json.dumps({"format": FORMAT, **state})))
+            atomic_write(tmp / TENSORS, lambda p: save_file(tensors, p))
+            atomic_write(tmp / STATE, lambda p: Path(p).write_text(json.dumps({"format": FORMAT, **state})))
             fsync_path(tmp)
             os.rename(tmp, final)
             fsync_path(self.root)

@@ -1,4 +1,5 @@
-"""AdamW with timm's parameter groups (no decay on norms/biases, optional layer-wise lr decay)."""
+"""timm's optimizers with its parameter groups (no decay on norms, biases and tokens; optional
+layer-wise lr decay), and the warmup-cosine schedule stepped once per optimizer step."""
 from __future__ import annotations
 
 import math
@@ -7,22 +8,27 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
+from pipeline.config import OptimizerConfig
+
 
 def scaled_lr(base_lr: float, global_batch_size: int) -> float:
     """MAE's linear scaling rule: lr = base_lr * global_batch / 256."""
     return base_lr * global_batch_size / 256
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                   layer_decay: float | None = None) -> torch.optim.Optimizer:
-    # layer_decay needs timm's group_matcher, which timm ViTs have; MIM wrappers pass None.
-    opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay,
-                              layer_decay=layer_decay, betas=(0.9, 0.95))
+def make_optimizer(model: nn.Module, lr: float, opt: OptimizerConfig) -> torch.optim.Optimizer:
+    """Only parameters that require grad are optimised (a linear probe's frozen encoder is not).
+    Layer decay needs timm's group_matcher (timm ViT/DeiT/Swin/BEiT); other models (a torchvision
+    ResNet, a masked-image-modelling wrapper) train with one lr."""
+    layer_decay = opt.layer_decay if hasattr(model, "group_matcher") else None
+    extra = {"betas": tuple(opt.betas)} if opt.name in ("adamw", "lamb") else {"momentum": opt.momentum}
+    optimizer = create_optimizer_v2(model, opt=opt.name, lr=lr, weight_decay=opt.weight_decay,
+                                    layer_decay=layer_decay, **extra)
     # timm leaves the per-layer factor in `lr_scale` for its own schedulers; torch's schedulers
     # read `lr`, so bake the factor in before the scheduler records each group's initial lr.
-    for group in opt.param_groups:
+    for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    return opt
+    return optimizer
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int,

@@ -12,8 +12,9 @@ from pipeline.config import CheckpointConfig, RunConfig
 from pipeline.distributed import make_accelerator, set_activation_checkpointing
 from pipeline.engine import preempt
 from pipeline.engine.checkpoint import CheckpointDir, read_checkpoint
-from pipeline.engine.loop import NonFiniteLossError, train_one_epoch
-from pipeline.engine.state import Checkpointer, LoopState, SeededAugmentation
+from pipeline.engine.loop import NonFiniteLossError, TrainStep, train_one_epoch
+from pipeline.engine.state import (Checkpointer, EpochData, LoopState, ModelState, OptimizerState, RankState,
+                                   SeededAugmentation)
 from pipeline.models.backbones import create_backbone
 
 
@@ -74,21 +75,30 @@ def run_epoch(acc, model, loader, loss_fn=mse, lr=0.05, **kwargs):
     model, opt, loader = acc.prepare(model, opt, loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     state, tracker = LoopState(), Recorder()
-    loss = train_one_epoch(model, loader, opt, sched, acc, loss_fn, tracker, state, "toy", 1, False, **kwargs)
+    loss = train_one_epoch(TrainStep(model, opt, sched, acc, loss_fn, tracker, "toy", 1, **kwargs), loader, state)
     return state, tracker, loss, model
 
 
-def checkpointed(acc, root, ckpt_cfg, config=None, shuffle=False, opt_cls=torch.optim.SGD,
+class Toy:
+    """The toy model prepared by `acc`, its scheduler, epochs and a Checkpointer under `root`."""
+
+    def __init__(self, acc, root, ckpt_cfg, config=None, shuffle=False, opt_cls=torch.optim.SGD,
                  lr_lambda=lambda s: 1.0):
-    """The toy model prepared by `acc`, with its scheduler and a Checkpointer under `root`
-    -> (model, opt, sched, loader, ckpt)."""
-    model, loader, gen = toy(shuffle=shuffle)
-    opt = opt_cls(model.parameters(), lr=0.05)
-    model, opt, loader = acc.prepare(model, opt, loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    ckpt = Checkpointer(ckpt_cfg, root, "toy", acc, Recorder(), model, opt, sched, gen, None, config or {},
-                        batches_per_epoch=len(loader))
-    return model, opt, sched, loader, ckpt
+        model, loader, gen = toy(shuffle=shuffle)
+        opt = opt_cls(model.parameters(), lr=0.05)
+        self.acc = acc
+        self.model, self.opt, self.loader = acc.prepare(model, opt, loader)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda)
+        self.state, self.data = LoopState(), EpochData(self.loader, None, gen)
+        states = {"model": ModelState(self.model, acc), "optimizer": OptimizerState(self.model, self.opt, acc),
+                  "scheduler": self.sched, "loop": self.state, "rank": RankState(self.state, self.data)}
+        self.ckpt = Checkpointer(ckpt_cfg, root, "toy", acc, Recorder(), states, config or {},
+                                 batches_per_epoch=len(self.loader))
+
+    def epoch(self, loss_fn, after_step=None, **kwargs):
+        step = TrainStep(self.model, self.opt, self.sched, self.acc, loss_fn, Recorder(), "toy", 1,
+                         after_step=after_step or self.ckpt.after_step, **kwargs)
+        return train_one_epoch(step, self.data.batches(self.state), self.state)
 
 
 def test_a_nonfinite_loss_skips_its_update_on_and_is_counted(make_acc):
@@ -112,9 +122,8 @@ def test_a_nonfinite_loss_skips_its_update_on_and_is_counted(make_acc):
 
 
 def test_nonfinite_steps_in_a_row_stop_naming_the_step_and_keep_the_last_good_checkpoint(make_acc, tmp_path):
-    acc = make_acc()
-    model, opt, sched, loader, ckpt = checkpointed(acc, tmp_path, CheckpointConfig(every_steps=1, keep_last=3))
-    state = ckpt.restore()
+    t = Toy(make_acc(), tmp_path, CheckpointConfig(every_steps=1, keep_last=3))
+    t.ckpt.restore()
     calls = []
 
     def loss_fn(m, b):
@@ -122,12 +131,12 @@ def test_nonfinite_steps_in_a_row_stop_naming_the_step_and_keep_the_last_good_ch
         return mse(m, b) * (float("inf") if len(calls) >= 4 else 1.0)
 
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 6, 3 steps in a row \(steps 4-6"):
-        train_one_epoch(model, ckpt.epoch_loader(loader, state), opt, sched, acc, loss_fn, Recorder(), state,
-                        "toy", 1, False, max_nonfinite=3, after_step=ckpt.after_step)
+        t.epoch(loss_fn, max_nonfinite=3)
     latest = CheckpointDir(tmp_path).latest()
     tensors, saved = read_checkpoint(latest)
     assert saved["step"] == 3  # nothing was written during the bad streak
     weights = {k: v for k, v in tensors.items() if ".model." in k}
+    assert weights.keys() == {"s.shared.model.weight", "s.shared.model.bias"}
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
 
 
@@ -157,9 +166,9 @@ def test_gradient_clipping_bounds_the_update_and_logs_the_norm(make_acc):
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_raises_preempted(make_acc, tmp_path):
-    acc = make_acc()
-    model, opt, sched, loader, ckpt = checkpointed(acc, tmp_path, CheckpointConfig(every_steps=0, sigterm_grace_s=30))
-    state, calls = ckpt.restore(), []
+    t = Toy(make_acc(), tmp_path, CheckpointConfig(every_steps=0, sigterm_grace_s=30))
+    t.ckpt.restore()
+    calls = []
 
     def loss_fn(m, b):
         calls.append(1)
@@ -168,8 +177,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_raises_preempted(make_acc, tmp
         return mse(m, b)
 
     with pytest.raises(preempt.Preempted, match="stopped on SIGTERM at step 4") as stop:
-        train_one_epoch(model, ckpt.epoch_loader(loader, state), opt, sched, acc, loss_fn, Recorder(), state,
-                        "toy", 1, False, after_step=ckpt.after_step)
+        t.epoch(loss_fn)
     assert stop.value.mlflow_status == "KILLED" and 0 < stop.value.flush_timeout_s <= 30
     _, saved = read_checkpoint(CheckpointDir(tmp_path).latest())
     assert saved["step"] == 4 and saved["loop"]["batches_done"] == 4
@@ -181,31 +189,29 @@ def test_resuming_mid_epoch_replays_the_same_batches_and_weights(make_acc, tmp_p
     restore into fresh objects, finish; the result equals an uninterrupted run bit for bit
     (also under bf16 autocast, which CPUs support)."""
     def fresh(root, every):
-        acc = make_acc(mixed_precision=precision)
-        return (acc, *checkpointed(acc, root, CheckpointConfig(every_steps=every), shuffle=True,
-                                   opt_cls=torch.optim.AdamW, lr_lambda=lambda s: 1.0 / (1 + s)))
+        return Toy(make_acc(mixed_precision=precision), root, CheckpointConfig(every_steps=every), shuffle=True,
+                   opt_cls=torch.optim.AdamW, lr_lambda=lambda s: 1.0 / (1 + s))
 
     def noisy(m, b):  # uses the global RNG, like MAE's masking
         return mse(m, b) + 0.01 * torch.rand(()) * m.weight.sum()
 
-    def epochs(acc, model, opt, sched, loader, ckpt, stop_at=None):
-        state = ckpt.restore()
+    def epochs(t, stop_at=None):
+        state = t.ckpt.restore()
         for epoch in range(state.epoch, 3):
             def after(s):
-                ckpt.after_step(s)
+                t.ckpt.after_step(s)
                 if s.step == stop_at:
                     raise KeyboardInterrupt  # "killed" right after the checkpoint of this step
-            train_one_epoch(model, ckpt.epoch_loader(loader, state), opt, sched, acc, noisy, Recorder(), state,
-                            "toy", 1, False, after_step=after)
+            t.epoch(noisy, after_step=after)
             state.start_epoch(epoch + 1)
-            ckpt.save(state)
-        return flat(model)
+            t.ckpt.save()
+        return flat(t.model)
 
-    reference = epochs(*fresh(tmp_path / "a", every=0))
+    reference = epochs(fresh(tmp_path / "a", every=0))
     with pytest.raises(KeyboardInterrupt):
-        epochs(*fresh(tmp_path / "b", every=2), stop_at=14)  # epoch 2, 4 batches in
+        epochs(fresh(tmp_path / "b", every=2), stop_at=14)  # epoch 2, 4 batches in
     torch.manual_seed(123)  # a fresh process would have other RNG states: restore must fix them
-    resumed = epochs(*fresh(tmp_path / "b", every=2))
+    resumed = epochs(fresh(tmp_path / "b", every=2))
     assert torch.equal(resumed, reference)
 
 
@@ -245,7 +251,7 @@ def test_activation_checkpointing_saves_memory_not_gradients(kind):
     def build():
         torch.manual_seed(0)
         if kind == "mae":
-            return build_mim_model(cfg, in_chans=5), lambda m, x: m(x)["loss"]
+            return build_mim_model(cfg, in_chans=5)[0], lambda m, x: m(x)["loss"]
         return create_backbone("vit_debug", 16, 4, 5, num_classes=3), lambda m, x: m(x).square().mean()
 
     def saved_bytes_and_grads(checkpointing):
@@ -273,13 +279,14 @@ def test_a_changed_config_blocks_auto_resume_but_not_a_named_checkpoint(make_acc
     from pipeline.engine.checkpoint import CheckpointError
 
     def checkpointer(resume, clip):
-        config = {"pretrain": {"clip_grad_norm": clip}, "tracking": {"uri": "x"}}
-        return checkpointed(make_acc(), tmp_path, CheckpointConfig(resume=resume), config)[-1]
+        config = {"pretrain": {"optimizer": {"clip_grad_norm": clip}}, "tracking": {"uri": "x"}}
+        return Toy(make_acc(), tmp_path, CheckpointConfig(resume=resume), config).ckpt
 
     first = checkpointer("auto", None)
     first.restore()
-    saved = first.save(LoopState(step=3, batches_done=3))
-    with pytest.raises(CheckpointError, match=r"different config \(pretrain.clip_grad_norm\)"):
+    first.loop.step, first.loop.batches_done = 3, 3
+    saved = first.save()
+    with pytest.raises(CheckpointError, match=r"different config \(pretrain.optimizer.clip_grad_norm\)"):
         checkpointer("auto", 1.0).restore()  # e.g. after a divergence, clipping switched on
     state = checkpointer(str(saved), 1.0).restore()  # named explicitly: the user's decision
-    assert state.step == 3 and "with a changed config: pretrain.clip_grad_norm" in capsys.readouterr().out
+    assert state.step == 3 and "with a changed config: pretrain.optimizer.clip_grad_norm" in capsys.readouterr().out

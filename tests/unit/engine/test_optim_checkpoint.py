@@ -3,9 +3,10 @@ import os
 import pytest
 import torch
 
-from pipeline.engine.checkpoint import load_weights, save_weights
+from pipeline.config import OptimizerConfig
 from pipeline.engine.optim import make_optimizer, scaled_lr, warmup_cosine
 from pipeline.models.backbones import create_backbone
+from pipeline.weights import load_weights, save_weights
 
 
 def test_lr_scales_with_global_batch():
@@ -14,7 +15,7 @@ def test_lr_scales_with_global_batch():
 
 def test_layer_decay_gives_lower_lr_to_earlier_blocks_and_no_decay_to_norms():
     model = create_backbone("vit_debug", 16, 4, 3, num_classes=2)
-    opt = make_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    opt = make_optimizer(model, lr=1e-3, opt=OptimizerConfig(weight_decay=0.05, layer_decay=0.5))
     lrs = sorted({g["lr"] for g in opt.param_groups})
     # depth 2 -> 4 layer ids (embed, block 0, block 1, head): 1e-3 * 0.5^k
     assert lrs == pytest.approx([1e-3 * 0.5**k for k in (3, 2, 1, 0)])
@@ -51,3 +52,14 @@ def test_weights_round_trip_atomically(tmp_path):
 def test_missing_weights_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_weights(tmp_path)
+
+
+def test_probe_optimises_only_what_requires_grad_and_resnets_train_without_layer_decay():
+    model = create_backbone("resnet_debug", 16, 4, 3, num_classes=2)
+    opt = make_optimizer(model, lr=1e-3, opt=OptimizerConfig(name="lars", layer_decay=0.75))
+    assert len({g["lr"] for g in opt.param_groups}) == 1  # no group_matcher: one lr, not a crash
+    vit = create_backbone("vit_debug", 16, 4, 3, num_classes=2)
+    for name, p in vit.named_parameters():
+        p.requires_grad_(name.startswith("head."))
+    opt = make_optimizer(vit, lr=1e-3, opt=OptimizerConfig(layer_decay=0.75))
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 32 * 2 + 2
