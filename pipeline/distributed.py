@@ -9,7 +9,9 @@ from torch import nn
 from pipeline.config import RunConfig
 
 
-def make_accelerator(run: RunConfig) -> Accelerator:
+def make_accelerator(run: RunConfig, blocks: tuple[str, ...] = ("Block",)) -> Accelerator:
+    """blocks: class names of the transformer blocks, FSDP's shard units (the backbone and
+    objective specs' block_classes)."""
     cpu = run.device == "cpu" or (run.device == "auto" and not torch.cuda.is_available())
     if run.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run.device=cuda but no CUDA device is visible")
@@ -20,23 +22,24 @@ def make_accelerator(run: RunConfig) -> Accelerator:
     loaders = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed)
     accelerator = Accelerator(cpu=cpu, mixed_precision=run.mixed_precision,
                               gradient_accumulation_steps=run.gradient_accumulation_steps,
-                              fsdp_plugin=fsdp_plugin() if run.fsdp else None, dataloader_config=loaders)
+                              fsdp_plugin=fsdp_plugin(blocks) if run.fsdp else None, dataloader_config=loaders)
     # Same seed on every rank: identical initial weights (stages then call seed_per_rank); the
     # sampler shards the data.
     set_seed(run.seed)
     return accelerator
 
 
-def fsdp_plugin():
-    """FSDP2, one shard unit per transformer block (timm's and lightly's ViT blocks are `Block`).
+def fsdp_plugin(blocks: tuple[str, ...] = ("Block",)):
+    """FSDP2, one shard unit per transformer block (timm's and lightly's ViT blocks are `Block`,
+    Swin's `SwinTransformerBlock`: the specs name them).
 
     `accelerate launch --config_file scripts/accelerate_fsdp.yaml` sets the same up from the
-    environment; run.fsdp=true does it under torchrun.
+    environment for ViTs; run.fsdp=true does it under torchrun for every family.
     """
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Block"],
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=sorted(set(blocks)),
         reshard_after_forward=True, state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
 
 

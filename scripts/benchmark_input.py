@@ -133,8 +133,8 @@ def images_per_s(ds, batch: int, seconds: float) -> float:
 def model_images_per_s(images: torch.Tensor, seconds: float) -> float:
     cfg = load_config()
     torch.manual_seed(0)
-    model = build_mim_model(cfg, in_chans=images.shape[1]).train()
-    optimizer = make_optimizer(model, scaled_lr(cfg.pretrain.base_lr, len(images)), cfg.pretrain.weight_decay)
+    model = build_mim_model(cfg, in_chans=images.shape[1])[0].train()
+    optimizer = make_optimizer(model, scaled_lr(cfg.pretrain.optimizer.base_lr, len(images)), cfg.pretrain.optimizer)
 
     def step():
         loss = model(images)["loss"]

@@ -7,24 +7,16 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from pipeline.config import Config
+from pipeline.config import Config, stage_dir
 from pipeline.data.manifest import load_manifest, select
 from pipeline.distributed import show_progress
-from pipeline.engine.checkpoint import load_weights
+from pipeline.engine.loaders import make_loader
 from pipeline.engine.loop import predict
 from pipeline.metrics import classification_metrics
-from pipeline.models.backbones import create_backbone
 from pipeline.plots import confusion_matrix_plot
-from pipeline.stages.common import make_dataset, make_loader, stage_dir
+from pipeline.stages.common import make_dataset
 from pipeline.tracking.base import Tracker
-
-
-def load_classifier(classifier_dir: Path):
-    state, meta = load_weights(classifier_dir)
-    model = create_backbone(meta["backbone"], meta["img_size"], meta["patch_size"], meta["in_chans"],
-                            num_classes=meta["num_classes"])
-    model.load_state_dict(state)  # strict: a classifier folder must match exactly
-    return model, meta
+from pipeline.weights import load_classifier
 
 
 def evaluate(cfg: Config, prepared: Path, classifier_dir: Path, accelerator: Accelerator,

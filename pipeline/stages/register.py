@@ -3,19 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from mlflow.models import ModelSignature
-from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from pipeline.config import Config
 from pipeline.data.manifest import load_manifest, read_record, select
-from pipeline.engine.checkpoint import load_weights
 from pipeline.tracking.base import Tracker
-
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-PYFUNC_CODE = PACKAGE_DIR / "tracking" / "pyfunc_model.py"
+from pipeline.tracking.registry import register_classifier
+from pipeline.weights import read_meta
 
 
 def _signature(meta: dict) -> ModelSignature:
@@ -26,23 +22,17 @@ def _signature(meta: dict) -> ModelSignature:
 
 def register(cfg: Config, prepared: Path, classifier_dir: Path, tracker: Tracker) -> str:
     """Rank 0 only. -> `models:/<name>@<alias>`; the version is tagged with its lineage."""
-    _, meta = load_weights(classifier_dir)
+    meta = read_meta(classifier_dir)
     test = select(load_manifest(prepared / "manifest.csv"), "test")
     example = read_record(test[0], **cfg.data.reader_options)[None]  # [1, C, H, W], raw units
     name = cfg.register.model_name
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=str(PYFUNC_CODE), artifacts={"classifier": str(classifier_dir)},
-        code_paths=[str(PACKAGE_DIR)], signature=_signature(meta), input_example=example,
-        registered_model_name=name,
-        metadata={"classes": meta["classes"], "channels": meta["channels"]})
-    version = str(info.registered_model_version)
-    client = MlflowClient()
     lineage = {"pretrain_run_id": meta.get("pretrain_run_id") or "none",
                "finetune_run_id": meta.get("finetune_run_id"), "register_run_id": tracker.run_id,
+               "teacher_run_id": meta.get("teacher_run_id") or "none",
                "dataset_hash": meta.get("dataset_hash"), "init": meta.get("init"),
+               "backbone": meta["backbone"], "head": meta.get("head", "linear"),
                "classes": ",".join(meta["classes"]), "channels": ",".join(meta["channels"])}
-    for key, value in lineage.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    client.set_registered_model_alias(name, cfg.register.alias, version)
+    version = register_classifier(classifier_dir, name, cfg.register.alias, _signature(meta), example, lineage,
+                                  metadata={"classes": meta["classes"], "channels": meta["channels"]})
     tracker.set_tags({"registered_model": f"{name}/{version}"})
     return f"models:/{name}@{cfg.register.alias}"

@@ -1,4 +1,5 @@
-"""All stages in one MLflow parent run, one nested child run per stage.
+"""All stages in one MLflow parent run, one nested child run per stage (and per arm: the
+pretrained classifier, the from-scratch baseline, a distillation teacher).
 
 A killed `mimflow run`, started again with the same config, continues where it stopped: it
 reopens the same parent run, skips the stages that finished (their results are recorded), and
@@ -10,20 +11,23 @@ import json
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipeline.config import Config, save_config
+from pipeline.config import Config, save_config, stage_dir
 from pipeline.data.manifest import load_manifest, select
 from pipeline.distributed import make_accelerator
-from pipeline.engine.checkpoint import atomic_write_text
-from pipeline.stages.common import stage_dir
+from pipeline.fsutil import atomic_write_text
+from pipeline.models.backbones import backbone_spec
+from pipeline.stages.common import block_names
 from pipeline.stages.evaluate import evaluate
-from pipeline.stages.finetune import finetune
+from pipeline.stages.finetune import finetune, teacher_config
 from pipeline.stages.prepare import prepare
 from pipeline.stages.pretrain import pretrain
 from pipeline.stages.register import register
-from pipeline.tracking.mlflow import fetch, tracked_run
+from pipeline.tracking.artifacts import fetch
+from pipeline.tracking.runs import tracked_run
 
 
 def log_config(cfg: Config, tracker) -> None:
@@ -110,14 +114,55 @@ def resolve_init(cfg: Config, encoder: Path | None) -> Path | None:
     return fetch(init, "encoder", cfg.tracking)
 
 
+def teacher_source(cfg: Config) -> str:
+    """"none", "train", or a reference to a trained classifier (path, run id, URI)."""
+    teacher = cfg.finetune.distillation.teacher
+    if teacher == "auto":
+        return "train" if backbone_spec(cfg.model.backbone).family == "deit" else "none"
+    return teacher
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One classifier the pipeline trains and evaluates: its stages' names and run tags."""
+    key: str  # pretrained | scratch | teacher
+    finetune: str
+    evaluate: str
+
+
+TEACHER = Arm("teacher", "teacher", "evaluate_teacher")
+
+
+def arms(cfg: Config) -> list[Arm]:
+    """The classifiers `mimflow run` trains: finetune.init's, then the from-scratch baseline."""
+    main = Arm("scratch" if cfg.finetune.init == "scratch" else "pretrained", "finetune", "evaluate")
+    if cfg.finetune.compare_scratch and main.key != "scratch":
+        return [main, Arm("scratch", "finetune_scratch", "evaluate_scratch")]
+    return [main]
+
+
+def train_and_evaluate(cfg: Config, runs: StageRuns, acc, prepared: Path, arm: Arm, encoder: Path | None,
+                       teacher: Path | None) -> tuple[Path, dict]:
+    """The arm's finetune stage, then its evaluate stage -> (classifier folder, test metrics)."""
+    tags = {"mimflow.arm": arm.key}
+
+    def _finetune(t):
+        log_config(cfg, t)
+        return str(finetune(cfg, prepared, encoder, acc, t, name=arm.finetune, teacher_dir=teacher))
+
+    classifier = Path(runs.stage(arm.finetune, {"mimflow.stage": "finetune", **tags}, _finetune))
+    metrics = runs.stage(arm.evaluate, {"mimflow.stage": "evaluate", **tags},
+                         lambda t: evaluate(cfg, prepared, classifier, acc, t, name=arm.evaluate))
+    return classifier, metrics
+
+
 def run_pipeline(cfg: Config) -> dict:
-    """prepare -> pretrain -> finetune (-> scratch baseline) -> evaluate -> register."""
+    """prepare -> pretrain -> (teacher) -> finetune (-> scratch baseline) -> evaluate -> register."""
     start = time.time()
     if cfg.checkpoint.resume not in ("auto", "never"):
         raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r}: a checkpoint path is for one stage "
                          "(mimflow pretrain / finetune); mimflow run resumes with auto")
-    acc = make_accelerator(cfg.run)
-    main = acc.is_main_process
+    acc = make_accelerator(cfg.run, block_names(cfg))
     summary: dict = {}
     runs = StageRuns(cfg, acc, pipeline=True)
     with runs.parent({"mimflow.stage": "run"}) as parent:
@@ -133,24 +178,24 @@ def run_pipeline(cfg: Config) -> dict:
             # An unlabelled-only data set: pretraining is the job; its encoder is the product.
             summary.update(encoder=str(encoder), parent_run_id=parent.run_id, seconds=time.time() - start)
             return summary
-        variants = [("finetune", resolve_init(cfg, encoder))]
-        if cfg.finetune.compare_scratch and cfg.finetune.init != "scratch":
-            variants.append(("finetune_scratch", None))
+        teacher = None
+        source = teacher_source(cfg)
+        if source == "train":
+            teacher, summary["teacher"] = train_and_evaluate(teacher_config(cfg), runs, acc, prepared,
+                                                             TEACHER, None, None)
+        elif source != "none":
+            teacher = fetch(source, "classifier", cfg.tracking)
         classifiers = {}
-        for name, init in variants:
-            def _finetune(t, name=name, init=init):
-                log_config(cfg, t)
-                return str(finetune(cfg, prepared, init, acc, t, name=name))
-            classifiers[name] = Path(runs.stage(name, {"mimflow.stage": "finetune"}, _finetune))
-            eval_name = name.replace("finetune", "evaluate")
-            summary[name] = runs.stage(eval_name, {"mimflow.stage": "evaluate"},
-                                       lambda t, n=name, e=eval_name: evaluate(cfg, prepared, classifiers[n], acc, t,
-                                                                               name=e))
-        if main:
+        for arm in arms(cfg):
+            init = resolve_init(cfg, encoder) if arm.key == "pretrained" else None
+            classifiers[arm.key], summary[arm.key] = train_and_evaluate(cfg, runs, acc, prepared, arm, init, teacher)
+        chosen = arms(cfg)[0].key
+        if acc.is_main_process:
             summary["model_uri"] = runs.stage("register", {"mimflow.stage": "register"},
-                                              lambda t: register(cfg, prepared, classifiers["finetune"], t),
+                                              lambda t: register(cfg, prepared, classifiers[chosen], t),
                                               collective=False)
-            parent.log_metrics({k: v for k, v in summary["finetune"].items()})
+            parent.log_metrics(summary[chosen])
             summary["parent_run_id"] = parent.run_id
+        summary["registered_arm"] = chosen
     summary["seconds"] = time.time() - start
     return summary

@@ -23,10 +23,9 @@ class MimflowClassifier(PythonModel):
 
         from pipeline.data.stats import Normalizer
         from pipeline.data.transforms import eval_transform
-        from pipeline.stages.evaluate import load_classifier
+        from pipeline.weights import load_classifier
 
-        self.model, self.meta = load_classifier(context.artifacts["classifier"])
-        self.model.eval()
+        self.model, self.meta = load_classifier(context.artifacts["classifier"])  # eval mode
         self.normalize = Normalizer(self.meta["stats"])
         self.resize = eval_transform(self.meta["img_size"])  # exactly what `evaluate` applies
         self.torch = torch

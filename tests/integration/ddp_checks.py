@@ -19,8 +19,8 @@ from pipeline.config import CheckpointConfig, RunConfig
 from pipeline.distributed import make_accelerator, seed_per_rank
 from pipeline.engine import preempt
 from pipeline.engine.checkpoint import CheckpointDir, read_checkpoint, unflatten_state
-from pipeline.engine.loop import train_one_epoch
-from pipeline.engine.state import Checkpointer, LoopState
+from pipeline.engine.loop import TrainStep, train_one_epoch
+from pipeline.engine.state import Checkpointer, EpochData, LoopState, ModelState, OptimizerState, RankState
 
 
 class Recorder:
@@ -61,7 +61,7 @@ def check_reduce(acc):
         return loss
 
     tracker, state = Recorder(), LoopState()
-    epoch_loss = train_one_epoch(model, loader, opt, sched, acc, loss_fn, tracker, state, "ddp", 1, False)
+    epoch_loss = train_one_epoch(TrainStep(model, opt, sched, acc, loss_fn, tracker, "ddp", 1), loader, state)
     per_rank = acc.gather(torch.tensor(local)[None]).tolist()  # [2, steps]
     logged = [tracker.metrics["ddp/loss"][s] for s in range(1, state.step + 1)]
     expected = [(a + b) / 2 for a, b in zip(*per_rank)]
@@ -80,8 +80,8 @@ def check_nonfinite(acc):
         return loss * float("nan") if (len(calls) == 2 and acc.process_index == 1) else loss
 
     state = LoopState()
-    train_one_epoch(model, loader, opt, sched, acc, loss_fn, Recorder(), state, "ddp", 1, False,
-                    after_step=lambda s: snapshots.append(params(model).clone()))
+    train_one_epoch(TrainStep(model, opt, sched, acc, loss_fn, Recorder(), "ddp", 1,
+                              after_step=lambda s: snapshots.append(params(model).clone())), loader, state)
     per_rank = acc.gather(params(model)[None])
     return {"skipped_on_this_rank": state.nonfinite_steps,
             "step2_unchanged": bool(torch.equal(snapshots[1], snapshots[0])),
@@ -91,9 +91,13 @@ def check_nonfinite(acc):
 def check_sigterm(acc, root: Path):
     model, opt, loader, sched, gen = setup(acc, seed=2)
     seed_per_rank(acc, 2)
-    ckpt = Checkpointer(CheckpointConfig(every_steps=0), root, "ddp", acc, Recorder(), model, opt, sched,
-                        gen, None, {}, batches_per_epoch=len(loader))
-    state, calls = ckpt.restore(), []
+    state, data = LoopState(), EpochData(loader, None, gen)
+    states = {"model": ModelState(model, acc), "optimizer": OptimizerState(model, opt, acc), "scheduler": sched,
+              "loop": state, "rank": RankState(state, data)}
+    ckpt = Checkpointer(CheckpointConfig(every_steps=0), root, "ddp", acc, Recorder(), states, {},
+                        batches_per_epoch=len(loader))
+    ckpt.restore()
+    calls = []
 
     def loss_fn(m, b):
         calls.append(1)
@@ -103,8 +107,8 @@ def check_sigterm(acc, root: Path):
 
     stopped_at = None
     try:
-        train_one_epoch(model, ckpt.epoch_loader(loader, state), opt, sched, acc, loss_fn, Recorder(), state,
-                        "ddp", 1, False, after_step=ckpt.after_step)
+        train_one_epoch(TrainStep(model, opt, sched, acc, loss_fn, Recorder(), "ddp", 1, after_step=ckpt.after_step),
+                        data.batches(state), state)
     except preempt.Preempted as stop:
         stopped_at = stop.step
     preempt.reset()
@@ -114,7 +118,7 @@ def check_sigterm(acc, root: Path):
         tensors, saved = read_checkpoint(CheckpointDir(root).latest())
         ranks = unflatten_state(saved["tree"], tensors)["ranks"]
         out.update(checkpoint_step=saved["step"], rng_ranks=len(ranks),
-                   rng_differ=not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"]))
+                   rng_differ=not torch.equal(ranks[0]["rank"]["rng"]["torch"], ranks[1]["rank"]["rng"]["torch"]))
     return out
 
 

@@ -1,7 +1,8 @@
-"""Launched by torchrun in tests: a real 2-process gloo run of the pretrain and finetune loops.
+"""Launched by torchrun in tests: a real 2-process gloo run of training steps for each objective and head.
 
-Writes (rank 0) a JSON report: world size, the largest weight difference between ranks after
-training, whether weights moved, and whether the ranks saw different data.
+Writes (rank 0) a JSON report per case: world size, the largest weight difference between ranks after
+training, whether weights moved, and whether the ranks saw different data. Cases: MAE on a ViT,
+SimMIM on a Swin (data-pipeline masks), and the ViT and Swin classifiers.
 """
 import json
 import sys
@@ -14,12 +15,12 @@ from pipeline.data.dataset import ManifestDataset
 from pipeline.data.manifest import load_manifest, select
 from pipeline.data.stats import load_stats
 from pipeline.distributed import make_accelerator
-from pipeline.engine.loop import train_one_epoch
+from pipeline.engine.loaders import make_loader
+from pipeline.engine.loop import TrainStep, train_one_epoch
 from pipeline.engine.optim import make_optimizer, warmup_cosine
-from pipeline.engine.state import LoopState
+from pipeline.engine.state import LoopState, SeededAugmentation
 from pipeline.models.backbones import create_backbone
-from pipeline.stages.common import make_loader
-from pipeline.stages.pretrain import build_mim_model
+from pipeline.stages.pretrain import _objective_loss, build_mim_model, mask_fn
 from pipeline.tracking.base import NullTracker
 
 
@@ -28,12 +29,12 @@ def flat_params(model) -> torch.Tensor:
 
 
 def run(acc, model, loader, loss_fn, cfg):
-    optimizer = make_optimizer(model, 1e-3, 0.05)
+    optimizer = make_optimizer(model, 1e-3, cfg.pretrain.optimizer)
     model, optimizer, loader = acc.prepare(model, optimizer, loader)
     before = flat_params(acc.unwrap_model(model)).clone()
     first = next(iter(loader))[0].sum()[None]
-    train_one_epoch(model, loader, optimizer, warmup_cosine(optimizer, 1, 10), acc, loss_fn,
-                    NullTracker(), LoopState(), "ddp", 1, False)
+    step = TrainStep(model, optimizer, warmup_cosine(optimizer, 1, 10), acc, loss_fn, NullTracker(), "ddp", 1)
+    train_one_epoch(step, loader, LoopState())
     after = flat_params(acc.unwrap_model(model))
     per_rank = acc.gather(after[None])  # [world, P]
     firsts = acc.gather(first)  # [world]
@@ -44,6 +45,8 @@ def run(acc, model, loader, loss_fn, cfg):
 
 def main(prepared: str, out: str, config: str) -> None:
     cfg = load_config(config, ["run.device=cpu"])
+    swin = load_config(config, ["run.device=cpu", "model.backbone=swin_debug", "model.patch_size=2",
+                                "pretrain.objective=simmim"])
     acc = make_accelerator(cfg.run)
     prepared = Path(prepared)
     stats = load_stats(prepared / "stats.json")
@@ -51,12 +54,17 @@ def main(prepared: str, out: str, config: str) -> None:
     pool = ManifestDataset(select(records, "unlabelled"), stats)
     labelled = ManifestDataset(select(records, "train"), stats)
     report = {"world": acc.num_processes}
-    report["pretrain"] = run(acc, build_mim_model(cfg, 5), make_loader(pool, 16, cfg, True, acc.num_processes),
-                             lambda m, b: m(b[0])["loss"], cfg)
-    clf = create_backbone(cfg.model.backbone, 16, cfg.model.patch_size, 5, num_classes=4)
+    for name, c in (("pretrain", cfg), ("simmim_swin", swin)):
+        torch.manual_seed(0)  # identical initial weights on both ranks
+        model, objective = build_mim_model(c, 5)
+        data = SeededAugmentation(pool, 0, mask_fn(c, model, objective))
+        report[name] = run(acc, model, make_loader(data, 16, c, True, acc.num_processes), _objective_loss, c)
     ce = torch.nn.CrossEntropyLoss()
-    report["finetune"] = run(acc, clf, make_loader(labelled, 16, cfg, True, acc.num_processes),
-                             lambda m, b: ce(m(b[0]), b[1]), cfg)
+    for name, backbone, patch in (("finetune", cfg.model.backbone, cfg.model.patch_size), ("swin", "swin_debug", 2)):
+        torch.manual_seed(0)
+        clf = create_backbone(backbone, 16, patch, 5, num_classes=4)
+        report[name] = run(acc, clf, make_loader(labelled, 16, cfg, True, acc.num_processes),
+                           lambda m, b: ce(m(b[0]), b[1]), cfg)
     if acc.is_main_process:
         Path(out).write_text(json.dumps(report))
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from pipeline.data.stats import load_stats
-from pipeline.engine.checkpoint import save_weights
 from pipeline.models.backbones import create_backbone
-from pipeline.stages.register import PACKAGE_DIR, PYFUNC_CODE, _signature
+from pipeline.stages.register import _signature
+from pipeline.tracking.registry import PACKAGE_DIR, PYFUNC_CODE
+from pipeline.weights import save_weights
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def test_one_parent_run_with_a_child_per_stage(tiny_run):
         assert runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert runs[name].info.status == "FINISHED"
     # the resolved config is logged as params and as a file
-    assert parent.data.params["pretrain.mask_ratio"] == "0.75"
+    assert parent.data.params["pretrain.objective.mask_ratio"] == "0.75"
     assert parent.data.params["model.backbone"] == "vit_debug"
 
 
@@ -54,7 +54,7 @@ def test_pretrain_logs_loss_per_step_reconstructions_and_encoder(tiny_run, tmp_p
     enc = mlflow.artifacts.download_artifacts(run_id=pre.info.run_id, artifact_path="encoder", dst_path=str(tmp_path))
     meta = json.loads(open(f"{enc}/meta.json").read())
     assert meta["in_chans"] == 5 and meta["channels"][0] == "B1_blue" and meta["stats"]["mean"]
-    assert meta["config"]["pretrain"]["mask_ratio"] == 0.75 and meta["git_sha"]
+    assert meta["config"]["pretrain"]["objective"]["mask_ratio"] == 0.75 and meta["git_sha"]
 
 
 def test_evaluation_metrics_and_confusion_matrix_are_logged(tiny_run):

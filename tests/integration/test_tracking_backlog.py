@@ -4,7 +4,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingConfig
-from pipeline.tracking.mlflow import MlflowTracker, replay_backlog, setup
+from pipeline.tracking.backlog import replay_backlog
+from pipeline.tracking.delivery import MlflowTracker
+from pipeline.tracking.runs import setup
 
 
 @pytest.fixture

@@ -1,0 +1,111 @@
+"""MLflow runs on rank 0: pointing MLflow at the store, starting or reopening a run, ending it.
+Every other rank gets the do-nothing NullTracker."""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import TrackingConfig
+from pipeline.tracking.backlog import replay_backlog, spill, stored_steps
+from pipeline.tracking.base import NullTracker, Tracker
+from pipeline.tracking.delivery import MlflowTracker
+from pipeline.tracking.retry import is_transient, log, retrying
+
+
+def check_reachable(uri: str) -> None:
+    """Fail early, naming the URI, when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except requests.RequestException as err:
+        raise RuntimeError(f"MLflow tracking server {uri} is unreachable: {err}") from None
+
+
+def setup(cfg: TrackingConfig) -> str:
+    """Point MLflow at cfg.uri and make sure the experiment exists -> experiment id."""
+    check_reachable(cfg.uri)
+    # Our own retries (above) outlast an outage; MLflow's (7 by default, minutes of backoff per
+    # call) would only delay noticing that the server is back.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    mlflow.set_tracking_uri(cfg.uri)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        exp_id = exp.experiment_id
+    else:
+        location = None
+        if cfg.artifact_location and not cfg.uri.startswith(("http://", "https://")):
+            location = Path(cfg.artifact_location).resolve().as_uri()
+        exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    mlflow.set_experiment(experiment_id=exp_id)
+    replay_backlog(cfg)
+    return exp_id
+
+
+@contextmanager
+def tracked_run(cfg: TrackingConfig, is_main: bool, run_name: str, tags: dict[str, Any] | None = None,
+                run_id: str | None = None) -> Iterator[Tracker]:
+    """A (nested, when one is active) MLflow run on rank 0; NullTracker on other ranks.
+
+    run_id: reopen that run (a resumed stage) instead of starting a new one.
+    On exit the tracker is flushed and the run ended FINISHED, FAILED, or, for an exception with
+    `mlflow_status` (preemption), that status, flushing within the exception's `flush_timeout_s`.
+    """
+    if not is_main:
+        yield NullTracker()
+        return
+    if mlflow.active_run() is None:
+        setup(cfg)
+    nested = mlflow.active_run() is not None
+    if run_id is not None:
+        try:
+            run = retrying(lambda: mlflow.start_run(run_id=run_id, nested=nested), f"reopening MLflow run {run_id}",
+                           cfg.flush_timeout_s, cfg.retry_max_backoff_s)
+        except MlflowException as err:  # e.g. deleted, or another tracking URI than before
+            if is_transient(err):
+                raise
+            log(f"cannot reopen MLflow run {run_id} ({str(err).splitlines()[0][:200]}); starting a new run")
+            run_id = None
+    if run_id is not None:
+        tracker = MlflowTracker(run.info.run_id, cfg, stored_steps(MlflowClient(cfg.uri), run_id))
+    else:
+        run = retrying(lambda: mlflow.start_run(run_name=run_name, nested=nested,
+                                                tags={k: str(v) for k, v in (tags or {}).items()}),
+                       f"starting MLflow run {run_name!r}", cfg.flush_timeout_s, cfg.retry_max_backoff_s)
+        tracker = MlflowTracker(run.info.run_id, cfg)
+    status, timeout = "FINISHED", cfg.flush_timeout_s
+    try:
+        yield tracker
+    except BaseException as err:
+        status = getattr(err, "mlflow_status", "FAILED")
+        # a failing command should not hang on a dead server: the backlog keeps what is left
+        timeout = getattr(err, "flush_timeout_s", min(timeout, 60.0))
+        raise
+    finally:
+        _end(tracker, status, timeout)
+
+
+def _end(tracker: MlflowTracker, status: str, timeout_s: float) -> None:
+    start = time.monotonic()
+    delivered = tracker.close(timeout_s, end_status=status)
+    if delivered:
+        try:
+            retrying(lambda: tracker.client.set_terminated(tracker.run_id, status), f"ending run {tracker.run_id}",
+                     max(0.0, timeout_s - (time.monotonic() - start)), tracker.cfg.retry_max_backoff_s)
+        except Exception as err:
+            spill(tracker.cfg, tracker.run_id, [], status)
+            log(f"could not mark run {tracker.run_id} {status} ({err}); recorded in the backlog")
+    try:
+        mlflow.end_run(status)  # pops the fluent run stack (status already set above)
+    except Exception:  # the stack is popped before MLflow's own request; that request may fail
+        pass
