@@ -188,6 +188,7 @@ def _summary(v: Validation, counts: dict, info: dict, cfg: Config, out: Path, no
              f"  channels: {v.channels} {info['channels']} ({source}; stored: "
              + ", ".join(f"{n} image(s) with {c}" for c, n in sorted(v.stored.items())) + ")"]
     lines += [f"  converted {n} image(s): {what}" for what, n in v.conversions.items()]
+    lines += [f"  {key} by the builder: {value}" for key, value in info.items() if key.startswith("dropped") and value]
     if v.bad:
         lines.append(_listing(v.bad, out))
     if counts:
