@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mimflow: {err}", file=sys.stderr)
         return 2
+    from pipeline.data import DataError
     from pipeline.engine.checkpoint import CheckpointError
     from pipeline.engine.loop import NonFiniteLossError
     from pipeline.engine.preempt import Preempted
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:  # SIGTERM: checkpointed; the same command resumes from it
         print(f"mimflow: {stop}; run the same command again to resume", file=sys.stderr, flush=True)
         return 0
-    except (NonFiniteLossError, CheckpointError, UnsafeCheckpointError) as err:
+    except (NonFiniteLossError, CheckpointError, UnsafeCheckpointError, DataError) as err:
         print(f"mimflow: {err}", file=sys.stderr, flush=True)
         return 1
 

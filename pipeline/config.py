@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
 from pipeline.configbase import RESUME_SAFE, Section as _Section, resume_safe, resume_safe_factory
 from pipeline.models.backbones import BACKBONES, backbone_spec, check_geometry, create_encoder
@@ -65,19 +65,121 @@ class CheckpointConfig(_Section):
     sigterm_grace_s: float = Field(25.0, gt=0)
 
 
+class _ReaderSection(_Section):
+    """One reader's options: only the keys written in the recipe are passed on (and dumped)."""
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler):
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+
+Window = Union[str, tuple[float, float]]  # a preset name, "header", or (center, width)
+
+
+class PngOptions(_ReaderSection):
+    alpha: Literal["drop", "keep", "nodata"] = "drop"
+
+
+class TiffOptions(_ReaderSection):
+    bands: list[Union[int, str]] | None = None  # 1-based indexes or band descriptions
+    max_pixels: int = Field(2**30, ge=1)
+
+
+class DicomOptions(_ReaderSection):
+    window: Union[Window, list[Window], None] = None  # names checked by prepare before any read
+    force: bool = False
+
+
+class NiftiOptions(_ReaderSection):
+    axis: Literal[0, 1, 2] = 2
+    min_nonzero_fraction: float = Field(0.01, ge=0, le=1)
+    canonical: bool = True
+
+
+class NpyOptions(_ReaderSection):
+    pass
+
+
+class NpzOptions(_ReaderSection):
+    split: Literal["train", "val", "test"] | None = None
+
+
+class ReaderOptions(_ReaderSection):
+    """data.reader_options: options keyed by reader, each file takes its own reader's.
+
+    A read-only mapping {reader: {option: value}} of the readers set, so that
+    `read_image(path, **cfg.data.reader_options)` passes exactly what the recipe says.
+    """
+    png: PngOptions | None = None
+    jpeg: PngOptions | None = None
+    tiff: TiffOptions | None = None
+    dicom: DicomOptions | None = None
+    nifti: NiftiOptions | None = None
+    npy: NpyOptions | None = None
+    npz: NpzOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keyed_by_reader(cls, value: Any) -> Any:
+        """The flat form of old recipes ({axis: 2}) gets a message saying where the key goes."""
+        if isinstance(value, dict):
+            for key in value:
+                owners = [n for n, f in cls.model_fields.items()
+                          if key not in cls.model_fields and key in f.annotation.__args__[0].model_fields]
+                if owners:
+                    raise ValueError(f"{key!r} is an option of the {' / '.join(owners)} reader: options are "
+                                     f"keyed by reader, e.g. reader_options: {{{owners[0]}: {{{key}: ...}}}}")
+        return value
+
+    def keys(self) -> list[str]:
+        return [k for k in type(self).model_fields if k in self.model_fields_set and getattr(self, k) is not None]
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return getattr(self, name).model_dump(mode="json")
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {k: self[k] for k in self.keys()}
+
+
 class DataConfig(_Section):
     dataset: str = "landsat_landcover"  # datasets/<dataset>/prepare.py builds it
     # passed to the builder as keyword arguments
     options: dict[str, Any] = Field(default_factory=lambda: {"tile_size": 16, "block_size": 64, "pool_stride": 4})
     root: str = resume_safe(".mimflow/data")  # prepared data goes to <root>/<dataset>
-    # passed to the image readers, e.g. {window: lung} for DICOM, {axis: 2} for NIfTI
-    reader_options: dict[str, Any] = Field(default_factory=dict)
+    # keyed by reader: {dicom: {window: lung}, nifti: {axis: 2}, png: {alpha: nodata}, tiff: {bands: [4, 3, 2]}}
+    reader_options: ReaderOptions = Field(default_factory=ReaderOptions)
+    # auto: the data card's channels, else the largest count present (grey is replicated, and
+    # prepare says so); N: convert every image to N (grey -> N, RGB -> grey by luminance);
+    # a list of names: that many channels, named
+    channels: Union[Literal["auto"], Annotated[int, Field(ge=1)], Annotated[list[str], Field(min_length=1)]] = "auto"
     strict: bool = False  # a bad file fails prepare instead of being quarantined
+    # prepare fails when quarantine would remove more than this share of any class's images
+    # (all of a class always fails)
+    max_quarantined_share: float = Field(0.2, ge=0, le=1)
+    # a class may be missing from a split (e.g. it has fewer groups than there are splits)
+    allow_missing_classes: bool = False
     cache: bool = True  # decode the pretraining pool once into memory-mapped shards under <root>/.cache
     augment: Literal["satellite", "medical", "none"] = "satellite"  # training transform preset
     augment_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {scale: [0.5, 1.0]}
     stats_sample_per_channel: int = Field(200_000, ge=1000)  # reservoir for percentiles
     clip_percentiles: tuple[float, float] = (1.0, 99.0)
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels(cls, v):
+        count = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        names = isinstance(v, list) and v and all(isinstance(n, str) for n in v) and len(set(v)) == len(v)
+        if v != "auto" and not count and not names:
+            raise ValueError("expected auto, a channel count >= 1, or a list of unique channel names")
+        return v
+
+    def prepare_settings(self) -> dict[str, Any]:
+        """Every setting that changes what prepare writes: prepared data is reused only when
+        these are equal (training-time settings are left out)."""
+        return self.model_dump(mode="json", exclude={"root", "cache", "augment", "augment_options"})
 
 
 class ModelConfig(_Section):

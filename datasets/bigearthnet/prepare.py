@@ -29,12 +29,12 @@ import argparse
 import csv
 import json
 import math
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.manifest import assign_splits, write_manifest
+from pipeline.data.manifest import write_manifest
+from pipeline.data.splits import assign_splits
 
 BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
 REFERENCE_BAND = "B02"  # a 10 m band: its grid is the output grid
@@ -92,7 +92,8 @@ def build(src_dir: str | Path, out_dir: str | Path, size: int = 120, resampling:
         kept.append((rel, "|".join(map(str, labels)), group))
     if not kept:
         raise FileNotFoundError(f"{src_dir}: no BigEarthNet patch with a usable label")
-    split_of = assign_splits(Counter(g for _, _, g in kept), split_fractions, seed)
+    split_of = assign_splits([g for _, _, g in kept], [tuple(map(int, lab.split("|"))) for _, lab, _ in kept],
+                             split_fractions, seed)
     write_manifest(out_dir, [(p, split_of[g], lab, g) for p, lab, g in kept])
     classes = [n for n, _ in LABELS_19] if nomenclature == 19 else LABELS_43
     info = {

@@ -26,7 +26,8 @@ from collections import Counter
 from pathlib import Path
 
 
-from pipeline.data.manifest import assign_splits, write_manifest
+from pipeline.data.manifest import write_manifest
+from pipeline.data.splits import assign_splits
 
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
             "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
@@ -127,10 +128,9 @@ def _official_lists(src_dir: Path) -> tuple[set[str], set[str]] | None:
 def patient_splits(src_dir: Path, entries: list, fractions: tuple[float, float, float], seed: int,
                    official: bool) -> dict[str, str]:
     """-> {patient id: split}; official test list when present and asked for, else random by patient."""
-    sizes = Counter(pid for _, _, pid in entries)
     lists = _official_lists(src_dir) if official else None
-    if lists is None:
-        return assign_splits(sizes, fractions, seed)
+    if lists is None:  # stratified on each image's rarest finding, per patient
+        return assign_splits([pid for _, _, pid in entries], [tuple(f) for _, f, _ in entries], fractions, seed)
     _, test_names = lists
     test_patients = {pid for name, _, pid in entries if name in test_names}
     other = {pid for name, _, pid in entries if name not in test_names}
@@ -138,7 +138,9 @@ def patient_splits(src_dir: Path, entries: list, fractions: tuple[float, float, 
         raise ValueError(f"{src_dir}: test_list.txt shares {len(test_patients & other)} patients "
                          f"with the other images; pass official_split=False")
     train, val = fractions[0], fractions[1]
-    rest = assign_splits({p: sizes[p] for p in other}, (train / (train + val), val / (train + val), 0.0), seed)
+    rest_entries = [(pid, tuple(f)) for name, f, pid in entries if name not in test_names]
+    rest = assign_splits([p for p, _ in rest_entries], [f for _, f in rest_entries],
+                         (train / (train + val), val / (train + val), 0.0), seed)
     return {**rest, **{p: "test" for p in test_patients}}
 
 

@@ -21,7 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 
-from pipeline.data.manifest import assign_splits, write_manifest
+from pipeline.data.manifest import write_manifest
+from pipeline.data.splits import assign_splits
 
 CLASSES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
            "Pasture", "PermanentCrop", "Residential", "River", "SeaLake"]
@@ -49,7 +50,7 @@ def build(src_dir: str | Path, out_dir: str | Path, variant: str = "auto",
     variant = _variant(src_dir, variant)
     images = find_images(src_dir, variant)  # [(path, class index)]
     groups = [_group(p, variant, group_by, block_m) for p, _ in images]
-    split_of = assign_splits(Counter(groups), split_fractions, seed)
+    split_of = assign_splits(groups, [label for _, label in images], split_fractions, seed)
     rows = [(str(p.resolve()), split_of[g], label, g) for (p, label), g in zip(images, groups)]
     write_manifest(out_dir, rows)
     info = {

@@ -2,7 +2,7 @@
 
 Labelled tiles: non-overlapping `tile_size` windows, labelled by the majority class of the
 land-cover map. Splits are drawn per spatial block (`block_size` px squares) so neighbouring
-tiles never straddle train/val/test. The unlabelled pretraining pool is overlapping windows
+tiles never straddle train/val/test, stratified by the tiles' classes (pipeline.data.splits). The unlabelled pretraining pool is overlapping windows
 (`pool_stride`) cut from *train* blocks only: no pixel of a val/test block reaches any stage.
 
 Run alone:  python datasets/landsat_landcover/prepare.py --out .mimflow/data/landsat_landcover
@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.data.splits import assign_splits
 
 CLASS_NAMES = {1: "developed", 2: "agriculture", 3: "herbaceous", 4: "shrubland",
                5: "forest", 6: "water", 7: "sediment"}
@@ -62,39 +64,36 @@ def build(out_dir: str | Path, tile_size: int = 16, block_size: int = 64, pool_s
 
     blocks = [(by, bx) for by in range(0, H - block_size + 1, block_size)
               for bx in range(0, W - block_size + 1, block_size)]
-    order = np.random.default_rng(seed).permutation(len(blocks))
-    n_train = round(split_fractions[0] * len(blocks))
-    n_val = round(split_fractions[1] * len(blocks))
-    split_of = {}
-    for rank, i in enumerate(order):
-        split_of[blocks[i]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-
-    rows, labelled = [], []
+    labelled = []  # (path, class, group, y, x) of every fully valid tile
     for (by, bx) in blocks:
-        group = f"block_{by}_{bx}"
-        split = split_of[(by, bx)]
         for y in range(by, by + block_size, tile_size):
             for x in range(bx, bx + block_size, tile_size):
                 if not valid[y:y + tile_size, x:x + tile_size].all():
                     continue
                 classes, counts = np.unique(strata[0, y:y + tile_size, x:x + tile_size], return_counts=True)
-                labelled.append((f"tiles/l_{y}_{x}.npy", split, int(classes[counts.argmax()]), group, y, x))
-        if split != "train":
+                labelled.append((f"tiles/l_{y}_{x}.npy", int(classes[counts.argmax()]), f"block_{by}_{bx}", y, x))
+
+    # A class with a handful of tiles (agriculture: 1, water: 5 at 16 px) cannot be learnt or
+    # scored; its tiles are dropped and the count is recorded in dataset.json.
+    counts = {c: sum(r[1] == c for r in labelled) for c in {r[1] for r in labelled}}
+    present = sorted(c for c, n in counts.items() if n >= min_tiles_per_class)
+    dropped = {CLASS_NAMES[c]: n for c, n in counts.items() if c not in present}
+    labelled = [r for r in labelled if r[1] in present]
+    # Whole blocks go to one split, stratified by the classes of their tiles; a block without a
+    # labelled tile holds no val/test pixel, so its windows may join the pool.
+    split_of = assign_splits([r[2] for r in labelled], [r[1] for r in labelled], split_fractions, seed)
+    index_of = {c: i for i, c in enumerate(present)}
+    rows = []
+    for (by, bx) in blocks:
+        group = f"block_{by}_{bx}"
+        if split_of.get(group, "train") != "train":
             continue
         # Overlapping unlabelled windows, kept inside this train block.
         for y in range(by, by + block_size - tile_size + 1, pool_stride):
             for x in range(bx, bx + block_size - tile_size + 1, pool_stride):
                 if valid[y:y + tile_size, x:x + tile_size].all():
                     rows.append((f"tiles/u_{y}_{x}.npy", "unlabelled", "", group, y, x))
-
-    # A class with a handful of tiles (agriculture: 1, water: 5 at 16 px) cannot be learnt or
-    # scored; its tiles are dropped and the count is recorded in dataset.json.
-    counts = {c: sum(r[2] == c for r in labelled) for c in {r[2] for r in labelled}}
-    present = sorted(c for c, n in counts.items() if n >= min_tiles_per_class)
-    dropped = {CLASS_NAMES[c]: n for c, n in counts.items() if c not in present}
-    labelled = [r for r in labelled if r[2] in present]
-    index_of = {c: i for i, c in enumerate(present)}
-    rows += [(p, s, index_of[c], g, y, x) for (p, s, c, g, y, x) in labelled]
+    rows += [(p, split_of[g], index_of[c], g, y, x) for (p, c, g, y, x) in labelled]
     for path, _, _, _, y, x in rows:
         np.save(out_dir / path, image[:, y:y + tile_size, x:x + tile_size])
 

@@ -5,19 +5,22 @@ What is cached is what the reader returns (float32 [C, H, W], NaN at nodata), *b
 normalisation and augmentation, so one cache serves any channel statistics or transform.
 
 Layout of one cache, `<cache_root>/<key>/`:
-    index.json          version, key, count, shape [C, H, W], shards, the source paths in order
-    shard_00000.npy     float32 [n, C, H, W] (plain .npy, opened with mmap_mode="r")
-    shard_00001.npy     ...
+    index.json          version, key, count, shards, and per image: source path, index within
+                        the file, channel count asked for, shape [C, H, W] and offset in its shard
+    shard_00000.npy     float32 [n_values], the images flattened one after another (plain .npy,
+    shard_00001.npy     opened with mmap_mode="r"); an image never spans two shards
 `key` is a sha256 over: CACHE_VERSION, the reader (its name, options and a hash of its source
-code, so a reader fix invalidates old caches), and per record the absolute path plus size and
-mtime (`fingerprint="stat"`, no file is read) or a hash of the file's bytes (`"content"`).
+code, so a reader fix invalidates old caches), and per record the absolute path, image index,
+channel count, plus size and mtime (`fingerprint="stat"`, no file is read) or a hash of the
+file's bytes (`"content"`).
 
 Writes are atomic: shards and index go to a sibling `.tmp-*` folder that is renamed to `<key>/`
 only once complete and fsynced, so a killed build never leaves a cache that opens. The next
 build removes temp folders whose process is gone.
 
-All images must share one shape (tiles are same-size); otherwise ShapeMismatchError names the
-first file that differs, and a marker makes later builds over the same files fail at once.
+Images may differ in shape (X-rays of several sizes, slices of several volumes): each keeps
+its own. With the default reader each file is decoded once per build (a volume's slices, a
+multi-frame file's frames together).
 
 Memmaps are opened lazily in each process (DataLoader workers included) and never pickled.
 
@@ -27,57 +30,57 @@ Memmaps are opened lazily in each process (DataLoader workers included) and neve
     read(record)                                              # what read_record(record, **options) gives
 
 Records may point at one image of a multi-image file (`Record.index`: a DICOM frame, a NIfTI
-slice, an .npz image); the cache keys and stores each (path, index) separately.
+slice, an .npz image) and carry the channel count to convert to (`Record.channels`); the cache
+keys and stores each (path, index, channels) separately, as read_record returns it.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
 import socket
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.data.manifest import Record
+from pipeline.data.manifest import Record, read_records
 from pipeline.data.readers import read_image
 from pipeline.fsutil import fsync_path
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-image shapes in flat shards
 INDEX = "index.json"
 MAX_SHARD_BYTES = 512 * 2**20  # shard size when none is given: a few thousand tiles, or a few X-rays
 _TMP_PREFIX = ".tmp-"
-_MISMATCH_SUFFIX = ".mismatch.json"
+Item = tuple[str, "int | None", "int | None"]  # (absolute path, image index in the file, channels)
 
 
 class CacheError(ValueError):
     """A cache could not be built or opened; the message says which and why."""
 
 
-class ShapeMismatchError(CacheError):
-    """Images of different shapes: the cache needs same-size images (read such records uncached)."""
-
-
 def _abspath(p: str | Path) -> str:
     return os.path.abspath(os.fspath(p))
 
 
-def _item(r: Record | str | Path) -> tuple[str, int | None]:
-    """A record (or a bare path) -> (absolute path, image index within the file or None)."""
+def _item(r: Record | str | Path) -> Item:
+    """A record (or a bare path) -> (absolute path, image index within the file, channels)."""
     if isinstance(r, Record):
-        return _abspath(r.path), getattr(r, "index", None)
-    return _abspath(r), None
+        return _abspath(r.path), r.index, r.channels
+    return _abspath(r), None, None
 
 
-def _read(read_fn: Callable, path: str, index: int | None, options: dict) -> np.ndarray:
-    return read_fn(path, **options) if index is None else read_fn(path, index=index, **options)
+def _read(read_fn: Callable, path: str, index: int | None, channels: int | None, options: dict) -> np.ndarray:
+    extra = {k: v for k, v in (("index", index), ("channels", channels)) if v is not None}
+    return read_fn(path, **extra, **options)
 
 
 def _reader_id(read_fn: Callable, reader_options: dict) -> dict:
@@ -106,14 +109,14 @@ def cache_key(records: Sequence[Record | str | Path], read_fn: Callable = read_i
     return _key([_item(r) for r in records], read_fn, reader_options, fingerprint)
 
 
-def _key(items: list[tuple[str, int | None]], read_fn: Callable, reader_options: dict | None,
+def _key(items: list[Item], read_fn: Callable, reader_options: dict | None,
          fingerprint: str) -> str:
     if fingerprint not in ("stat", "content"):
         raise ValueError(f"fingerprint={fingerprint!r}, expected 'stat' or 'content'")
     h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "fingerprint": fingerprint,
                                    **_reader_id(read_fn, reader_options or {})}, sort_keys=True).encode())
     digests: dict[str, str] = {}  # a multi-frame file is hashed once
-    for p, index in items:
+    for p, index, channels in items:
         try:
             if p not in digests and fingerprint == "stat":
                 st = os.stat(p)
@@ -121,7 +124,7 @@ def _key(items: list[tuple[str, int | None]], read_fn: Callable, reader_options:
             elif p not in digests:
                 with open(p, "rb") as f:
                     digests[p] = hashlib.file_digest(f, "sha256").hexdigest()
-            h.update(f"{p}\0{index}\0{digests[p]}\n".encode())
+            h.update(f"{p}\0{index}\0{channels}\0{digests[p]}\n".encode())
         except FileNotFoundError:
             raise CacheError(f"{p}: no such file (cannot key the cache; open an existing cache "
                              f"by its folder with TileCache.open)") from None
@@ -134,13 +137,20 @@ class TileCache:
     def __init__(self, path: Path, index: dict):
         self.path = Path(path)
         self.index = index
-        self.shape: tuple[int, int, int] = tuple(index["shape"])
         self.paths: list[str] = index["paths"]
         self.indexes: list[int | None] = index["indexes"]  # image within the file (frame, slice)
-        self._shard_size = index["shards"][0]["count"]  # every shard but the last holds this many
+        self.channels: list[int | None] = index["channels"]  # channel count asked for, None: as stored
+        self.shapes: list[tuple[int, int, int]] = [tuple(s) for s in index["shapes"]]
+        self.offsets: list[int] = index["offsets"]  # first value of each image in its shard
+        self._starts = [shard["start"] for shard in index["shards"]]
         self._maps: dict[int, np.ndarray] = {}
         self._pid = os.getpid()
-        self._position: dict[str, int] | None = None
+        self._position: dict[Item, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int] | None:
+        """The shape every image shares, None when they differ."""
+        return self.shapes[0] if len(set(self.shapes)) == 1 else None
 
     # ---- building and opening -------------------------------------------------------------
     @classmethod
@@ -150,8 +160,9 @@ class TileCache:
               max_shard_bytes: int = MAX_SHARD_BYTES, quiet: bool = False) -> "TileCache":
         """Open the cache of these records under `cache_root`, decoding them first if there is none.
 
-        records: manifest Records or paths; `cache[i]` is
-            `read_fn(records[i].path, index=records[i].index, **reader_options)` (no `index` when None).
+        records: manifest Records or paths; `cache[i]` is `read_fn(records[i].path,
+            index=records[i].index, channels=records[i].channels, **reader_options)` (without the
+            keywords that are None); the default read_fn decodes each file once.
         shard_size: images per shard (default: as many as fit in `max_shard_bytes`).
         """
         items = [_item(r) for r in records]
@@ -167,9 +178,6 @@ class TileCache:
             except CacheError as err:  # damaged on disk: rebuild rather than fail every run
                 warnings.warn(f"rebuilding the tile cache: {err}", stacklevel=2)
                 shutil.rmtree(final, ignore_errors=True)
-        mismatch = cache_root / f"{key}{_MISMATCH_SUFFIX}"
-        if mismatch.is_file():  # decoded before and found mixed shapes: fail without decoding again
-            raise ShapeMismatchError(json.loads(mismatch.read_text())["message"])
         cache_root.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(cache_root)
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key[:16]}-{socket.gethostname()}-{os.getpid()}-",
@@ -178,14 +186,12 @@ class TileCache:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a shared cache should not be
         try:
-            index = _write_shards(tmp, items, read_fn, reader_options, shard_size, max_shard_bytes, quiet)
+            images = _decoded(items, read_fn, reader_options)
+            index = _write_shards(tmp, items, images, shard_size, max_shard_bytes, quiet)
             index.update(key=key, fingerprint=fingerprint, **_reader_id(read_fn, reader_options))
             _write_synced(tmp / INDEX, json.dumps(index, indent=1).encode())
             fsync_path(tmp)
             _publish(tmp, final)
-        except ShapeMismatchError as err:
-            _write_synced(mismatch, json.dumps({"message": str(err)}).encode())
-            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
         return cls.open(final)
@@ -209,11 +215,12 @@ class TileCache:
                 arr = cache._shard(s)
             except (OSError, ValueError) as err:  # missing, or shorter than its header says
                 raise CacheError(f"{path / shard['file']}: unreadable shard: {err}") from None
-            if arr.shape != (shard["count"], *cache.shape) or arr.dtype != np.float32:
+            if arr.shape != (shard["values"],) or arr.dtype != np.float32:
                 raise CacheError(f"{path / shard['file']}: holds {arr.dtype} {arr.shape}, index says "
-                                 f"float32 {(shard['count'], *cache.shape)}")
+                                 f"float32 ({shard['values']},)")
             expected += shard["count"]
-        if expected != index["count"] or len(cache.paths) != expected or len(cache.indexes) != expected:
+        lists = (cache.paths, cache.indexes, cache.channels, cache.shapes, cache.offsets)
+        if expected != index["count"] or any(len(x) != expected for x in lists):
             raise CacheError(f"{path}: shards hold {expected} images, index lists {len(cache.paths)}")
         cache._maps = {}  # mapped again lazily, by whichever process reads first
         return cache
@@ -227,15 +234,17 @@ class TileCache:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for a cache of {n} images")
-        s, j = divmod(i % n, self._shard_size)
-        return np.array(self._shard(s)[j])
+        i %= n
+        shape, start = self.shapes[i], self.offsets[i]
+        flat = self._shard(bisect.bisect_right(self._starts, i) - 1)[start:start + math.prod(shape)]
+        return np.array(flat).reshape(shape)
 
-    def position(self, path: str | Path, index: int | None = None) -> int | None:
-        """Where the image (path, index within the file) is in the cache; None if not cached."""
+    def position(self, path: str | Path, index: int | None = None, channels: int | None = None) -> int | None:
+        """Where the image (path, index within the file, channels) is in the cache; None if not cached."""
         if self._position is None:
-            items = list(enumerate(zip(self.paths, self.indexes)))
+            items = list(enumerate(zip(self.paths, self.indexes, self.channels)))
             self._position = {item: i for i, item in reversed(items)}
-        return self._position.get((_abspath(path), index))
+        return self._position.get((_abspath(path), index, channels))
 
     def _shard(self, s: int) -> np.ndarray:
         if self._pid != os.getpid():  # forked into a DataLoader worker: map the files afresh
@@ -249,7 +258,8 @@ class TileCache:
         return {**self.__dict__, "_maps": {}}
 
     def __repr__(self) -> str:
-        return f"TileCache({str(self.path)!r}, {len(self)} x {list(self.shape)})"
+        shape = list(self.shape) if self.shape else "mixed shapes"
+        return f"TileCache({str(self.path)!r}, {len(self)} x {shape})"
 
 
 class CachedReader:
@@ -263,81 +273,90 @@ class CachedReader:
                  reader_options: dict | None = None):
         self.cache, self.read_fn, self.reader_options = cache, read_fn, dict(reader_options or {})
 
-    def __call__(self, item: Record | str | Path, index: int | None = None, **options) -> np.ndarray:
+    def __call__(self, item: Record | str | Path, index: int | None = None, channels: int | None = None,
+                 **options) -> np.ndarray:
         if isinstance(item, Record):
-            item, index = item.path, getattr(item, "index", None)
-        i = None if options else self.cache.position(item, index)
+            item, index, channels = item.path, item.index, item.channels
+        i = None if options else self.cache.position(item, index, channels)
         if i is None:
-            return _read(self.read_fn, item, index, {**self.reader_options, **options})
+            return _read(self.read_fn, item, index, channels, {**self.reader_options, **options})
         return self.cache[i]
 
 
 def cached_reader(records: Sequence[Record | str | Path], cache_root: str | Path,
                   read_fn: Callable[..., np.ndarray] = read_image, reader_options: dict | None = None,
-                  fallback: bool = True, quiet: bool = False, **build_options) -> Callable[..., np.ndarray]:
-    """A CachedReader over `records` (cache built on first use): `read(record)` -> raw [C, H, W].
-
-    With `fallback=True`, images of mixed shapes give a warning and a reader that reads every
-    record uncached instead (same call signature).
-    """
-    try:
-        cache = TileCache.build(records, cache_root, read_fn, reader_options, quiet=quiet, **build_options)
-    except ShapeMismatchError as err:
-        if not fallback:
-            raise
-        warnings.warn(f"tile cache not used, reading uncached: {err}", stacklevel=2)
-        return _UncachedReader(read_fn, reader_options or {})
+                  quiet: bool = False, **build_options) -> CachedReader:
+    """A CachedReader over `records` (cache built on first use): `read(record)` -> raw [C, H, W]."""
+    cache = TileCache.build(records, cache_root, read_fn, reader_options, quiet=quiet, **build_options)
     return CachedReader(cache, read_fn, reader_options)
 
 
-class _UncachedReader:
-    """Same calls as CachedReader, always decoding (the fallback when no cache can be built)."""
-
-    def __init__(self, read_fn: Callable[..., np.ndarray], reader_options: dict):
-        self.read_fn, self.reader_options = read_fn, dict(reader_options)
-
-    def __call__(self, item: Record | str | Path, index: int | None = None, **options) -> np.ndarray:
-        if isinstance(item, Record):
-            item, index = item.path, getattr(item, "index", None)
-        return _read(self.read_fn, item, index, {**self.reader_options, **options})
-
-
 # ---- writing helpers -------------------------------------------------------------------------
-def _write_shards(tmp: Path, items: list[tuple[str, int | None]], read_fn: Callable, reader_options: dict,
-                  shard_size: int | None, max_shard_bytes: int, quiet: bool) -> dict:
-    """Decode every (path, index) into float32 shards under tmp -> the index (without key/reader fields)."""
-    paths = [p for p, _ in items]
-    first = np.asarray(_read(read_fn, *items[0], reader_options), dtype=np.float32)
-    if first.ndim != 3:
-        raise CacheError(f"{paths[0]}: reader returned shape {first.shape}, expected [C, H, W]")
-    shape, n = first.shape, len(paths)
-    per_shard = shard_size or max(1, max_shard_bytes // first.nbytes)
-    need, free = n * first.nbytes, shutil.disk_usage(tmp).free
+def _decoded(items: list[Item], read_fn: Callable, reader_options: dict) -> Iterator[np.ndarray]:
+    """The images of `items` in order; the default reader decodes each file once (read_records)."""
+    if read_fn is not read_image:
+        for path, index, channels in items:
+            yield _read(read_fn, path, index, channels, reader_options)
+        return
+    records = [Record(Path(p), "unlabelled", -1, p, index, channels=c) for p, index, c in items]
+    pending: dict[int, np.ndarray] = {}
+    next_i = 0
+    for i, _, img in read_records(records, **reader_options):
+        if isinstance(img, Exception):
+            raise img
+        pending[i] = img
+        while next_i in pending:  # files come grouped: hand images on in record order
+            yield pending.pop(next_i)
+            next_i += 1
+
+
+def _write_shards(tmp: Path, items: list[Item], images: Iterator[np.ndarray], shard_size: int | None,
+                  max_shard_bytes: int, quiet: bool) -> dict:
+    """Write the decoded images into flat float32 shards under tmp -> the index (without key/reader
+    fields). A shard closes at `shard_size` images or `max_shard_bytes`; one shard's images are
+    held in memory until it is written."""
+    shards, shapes, offsets, batch = [], [], [], []
+
+    def flush():
+        values = sum(a.size for a in batch)
+        name = f"shard_{len(shards):05d}.npy"
+        mm = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=np.float32, shape=(values,))
+        at = 0
+        for a in batch:
+            mm[at:at + a.size] = a.ravel()
+            at += a.size
+        mm.flush()
+        del mm
+        fsync_path(tmp / name)
+        shards.append({"file": name, "start": len(shapes) - len(batch), "count": len(batch), "values": values})
+        batch.clear()
+
+    with tqdm(total=len(items), desc="tile cache", disable=quiet, leave=False) as bar:
+        for i, img in enumerate(images):
+            img = np.asarray(img, dtype=np.float32)
+            if img.ndim != 3:
+                raise CacheError(f"{items[i][0]}: reader returned shape {img.shape}, expected [C, H, W]")
+            if not shards and not batch:
+                _check_space(tmp, img.nbytes * len(items), len(items))
+            if batch and (len(batch) == shard_size or (shard_size is None and
+                                                       (sum(a.nbytes for a in batch) + img.nbytes > max_shard_bytes))):
+                flush()
+            offsets.append(sum(a.size for a in batch))
+            shapes.append(list(img.shape))
+            batch.append(img)
+            bar.update()
+    if batch:
+        flush()
+    return {"version": CACHE_VERSION, "count": len(items), "dtype": "float32", "shards": shards,
+            "paths": [p for p, _, _ in items], "indexes": [i for _, i, _ in items],
+            "channels": [c for _, _, c in items], "shapes": shapes, "offsets": offsets}
+
+
+def _check_space(tmp: Path, need: int, n: int) -> None:
+    free = shutil.disk_usage(tmp).free
     if need > free:
-        raise CacheError(f"tile cache needs {need / 2**30:.2f} GiB for {n} x {list(shape)} float32, "
-                         f"{tmp.parent} has {free / 2**30:.2f} GiB free")
-    shards = []
-    with tqdm(total=n, desc="tile cache", disable=quiet, leave=False) as bar:
-        for s, start in enumerate(range(0, n, per_shard)):
-            count, name = min(per_shard, n - start), f"shard_{s:05d}.npy"
-            mm = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=np.float32, shape=(count, *shape))
-            for j in range(count):
-                i = start + j
-                img = first if i == 0 else _read(read_fn, *items[i], reader_options)
-                if img.shape != shape:
-                    where = paths[i] if items[i][1] is None else f"{paths[i]} (image {items[i][1]})"
-                    raise ShapeMismatchError(
-                        f"{where}: decoded shape {tuple(img.shape)} differs from {tuple(shape)} of "
-                        f"the first image ({paths[0]}); the tile cache needs same-size images, "
-                        f"read these records uncached")
-                mm[j] = img
-                bar.update()
-            mm.flush()
-            del mm
-            fsync_path(tmp / name)
-            shards.append({"file": name, "start": start, "count": count})
-    return {"version": CACHE_VERSION, "count": n, "shape": list(shape), "dtype": "float32",
-            "shards": shards, "paths": paths, "indexes": [index for _, index in items]}
+        raise CacheError(f"tile cache needs about {need / 2**30:.2f} GiB for {n} images (estimated "
+                         f"from the first), {tmp.parent} has {free / 2**30:.2f} GiB free")
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -1,16 +1,18 @@
-"""Dataset manifests: one row per image with `path,split,label,group` (paths relative to the file)."""
+"""Dataset manifests: one row per image with `path,split,label,group` (paths relative to the file),
+optionally `index` (image within a multi-image file), `sha256` and `channels` (the channel count
+prepare resolved: every reader of the row converts to it)."""
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from pipeline.data.readers import read_image
+from pipeline.data.readers import ReadError, convert_channels, read_image, read_images
 
 SPLITS = ("unlabelled", "train", "val", "test")
 
@@ -23,6 +25,7 @@ class Record:
     group: str
     index: int | None = None  # which image of a multi-image file (frame, slice); None: the only one
     sha256: str = ""  # content hash of the file when the manifest records it
+    channels: int | None = None  # convert to this many channels when read; None: as stored
 
 
 def load_manifest(path: str | Path) -> list[Record]:
@@ -39,9 +42,11 @@ def load_manifest(path: str | Path) -> list[Record]:
             if row["split"] not in SPLITS:
                 raise ValueError(f"{path}:{line}: split {row['split']!r} not in {SPLITS}")
             index = (row.get("index") or "").strip()
+            channels = (row.get("channels") or "").strip()
             records.append(Record(path.parent / row["path"], row["split"],
                                   _parse_label(row["label"], path, line), row["group"],
-                                  int(index) if index else None, row.get("sha256") or ""))
+                                  int(index) if index else None, row.get("sha256") or "",
+                                  int(channels) if channels else None))
     return records
 
 
@@ -84,8 +89,44 @@ def changed_files(records: list[Record]) -> list[Path]:
 
 
 def read_record(rec: Record, **reader_options) -> np.ndarray:
-    """The image a manifest row points at -> float32 [C, H, W]."""
-    return read_image(rec.path, index=rec.index, **reader_options)
+    """The image a manifest row points at -> float32 [C, H, W] with the row's channel count.
+    `reader_options` are keyed by reader ({"dicom": {"window": "lung"}})."""
+    return read_image(rec.path, index=rec.index, channels=rec.channels, **reader_options)
+
+
+def read_records(records: list[Record], **reader_options) -> Iterator[tuple[int, Record, np.ndarray | ReadError]]:
+    """Every record's image, decoding each file once (a volume's slices, a multi-frame file's
+    frames) -> (position in `records`, record, float32 [C, H, W] or the ReadError it raised).
+
+    Files come in order of first appearance; one file's images are held in memory at a time.
+    """
+    by_file: dict[Path, list[int]] = {}
+    for i, rec in enumerate(records):
+        by_file.setdefault(rec.path, []).append(i)
+    for path, positions in by_file.items():
+        if all(records[i].index is None for i in positions):
+            images, error = None, None
+            try:
+                images = [read_image(path, **reader_options)]
+            except ReadError as err:
+                error = err
+        else:
+            try:
+                images, error = read_images(path, **reader_options), None
+            except ReadError as err:
+                images, error = None, err
+        for i in positions:
+            yield i, records[i], (error if error is not None else _pick(records[i], images))
+
+
+def _pick(rec: Record, images: list[np.ndarray]) -> np.ndarray | ReadError:
+    index = 0 if rec.index is None else rec.index
+    if rec.index is None and len(images) > 1 or not -len(images) <= index < len(images):
+        return ReadError(f"{rec.path}: image index {rec.index} out of range for {len(images)} image(s)")
+    try:
+        return convert_channels(rec.path, images[index], rec.channels)
+    except ReadError as err:
+        return err
 
 
 def stratified_fraction(records: list[Record], fraction: float, seed: int) -> list[Record]:
@@ -103,22 +144,6 @@ def stratified_fraction(records: list[Record], fraction: float, seed: int) -> li
 
 def load_dataset_info(prepared_dir: str | Path) -> dict:
     return json.loads((Path(prepared_dir) / "dataset.json").read_text())
-
-
-def assign_splits(group_sizes: dict[str, int], fractions: tuple[float, float, float],
-                  seed: int) -> dict[str, str]:
-    """Groups in a seeded random order fill train, val, test by image count -> {group: split}."""
-    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
-        raise ValueError(f"split_fractions={fractions}: three non-negative numbers summing to 1")
-    names = sorted(group_sizes)
-    order = np.random.default_rng(seed).permutation(len(names))
-    total, seen, out = sum(group_sizes.values()), 0, {}
-    bounds = (fractions[0], fractions[0] + fractions[1])
-    for i in order:
-        start = seen / total  # where this group starts in the cumulative image count
-        out[names[i]] = "train" if start < bounds[0] else "val" if start < bounds[1] else "test"
-        seen += group_sizes[names[i]]
-    return out
 
 
 def write_manifest(out_dir: Path, rows: list[tuple], extra_columns: tuple[str, ...] = ()) -> None:

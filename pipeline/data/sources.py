@@ -10,14 +10,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections import Counter
 from pathlib import Path
 
-from pipeline.data.manifest import assign_splits, write_manifest
-from pipeline.data.readers import READERS, ReadError, read_images
+from pipeline.data.manifest import write_manifest
+from pipeline.data.readers import MULTI_READERS, READERS, ReadError, image_suffix, read_images
+from pipeline.data.splits import assign_splits
 
 COLUMNS = ("index", "sha256")
-MULTI_IMAGE = (".dcm", ".dicom", ".nii", ".nii.gz", ".npz")
 
 
 def file_sha256(path: Path) -> str:
@@ -51,12 +50,13 @@ def scan(root: Path, recursive: bool = True) -> list[Path]:
 def expand(path: Path, reader_options: dict) -> list[int | None]:
     """Image indices a file holds: [None] for single-image files, [0..n-1] for volumes/frames.
 
-    An unreadable file still yields [None]: prepare's validation pass reports and quarantines it.
+    Counted by decoding with exactly the reader options every later read uses (read_images), so
+    a manifest never lists a slice the decoder does not return. An unreadable file yields [None]:
+    prepare's validation reports and quarantines it.
     """
-    name = path.name.lower()
-    if not name.endswith(MULTI_IMAGE) and path.suffix:
-        return [None]
     try:
+        if image_suffix(path) not in MULTI_READERS:
+            return [None]
         n = len(read_images(path, **reader_options))
     except ReadError:
         return [None]
@@ -69,22 +69,33 @@ def _write(out_dir: Path, rows: list[tuple], info: dict) -> dict:
     return info
 
 
-def _rows(files: list[tuple[Path, str]], split_of, group_of, reader_options, out_dir) -> list[tuple]:
-    rows = []
-    for path, label in files:
-        digest = file_sha256(path)
-        for index in expand(path, reader_options):
-            group = group_of(path)
-            rows.append((str(path.resolve()), split_of(group, label), label, group,
-                         "" if index is None else index, digest))
+def _entries(files: list[tuple[Path, str, str, str]], reader_options: dict) -> list[list]:
+    """(path, label, group, split or "") per file -> [path, split, label, group, index, sha256]
+    per image the file holds."""
+    out = []
+    for path, label, group, split in files:
+        digest = file_sha256(path) if path.is_file() else ""
+        indices = expand(path, reader_options) if path.is_file() else [None]
+        out += [[str(path), split, label, group, "" if i is None else i, digest] for i in indices]
+    return out
+
+
+def _split(rows: list[list], fractions, seed: int) -> list[list]:
+    """Labelled rows without a split get one, per group and stratified by class; rows without
+    a label are the unlabelled pool."""
+    todo = [r for r in rows if not r[1] and r[2] != ""]
+    labels = [tuple(int(c) for c in r[2].split("|")) if "|" in r[2] else int(r[2]) for r in todo]
+    split_of = assign_splits([r[3] for r in todo], labels, fractions, seed) if todo else {}
+    for r in rows:
+        r[1] = r[1] or (split_of[r[3]] if r[2] != "" else "unlabelled")
     return rows
 
 
 def build_folder(out_dir, root: str, recursive: bool = True, channels: list[str] | None = None,
                  reader_options: dict | None = None) -> dict:
-    """Every image under `root` -> the unlabelled pool."""
-    files = [(p, "") for p in scan(Path(root), recursive)]
-    rows = _rows(files, lambda g, l: "unlabelled", lambda p: str(p.resolve()), reader_options or {}, out_dir)
+    """Every image under `root` -> the unlabelled pool (each file its own group)."""
+    files = [(p.resolve(), "", str(p.resolve()), "unlabelled") for p in scan(Path(root), recursive)]
+    rows = _entries(files, reader_options or {})
     return _write(Path(out_dir), rows, {"name": Path(root).name, "task": "unlabelled", "classes": [],
                                         "channels": channels, "source": {"root": str(root)}})
 
@@ -92,18 +103,19 @@ def build_folder(out_dir, root: str, recursive: bool = True, channels: list[str]
 def build_imagefolder(out_dir, root: str, split_fractions=(0.6, 0.2, 0.2), seed: int = 0,
                       channels: list[str] | None = None, reader_options: dict | None = None,
                       unlabelled_root: str | None = None) -> dict:
-    """root/<class>/**/image -> labelled rows split per source file (group); optional extra pool."""
+    """root/<class>/**/image -> labelled rows, split per source file (its group) and stratified
+    by class; an optional extra unlabelled pool."""
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{root}: no class folders (expected root/<class>/<images>)")
-    files = [(p, str(i)) for i, c in enumerate(classes) for p in scan(root / c)]
-    sizes = Counter(str(p.resolve()) for p, _ in files)
-    split_of_group = assign_splits(sizes, tuple(split_fractions), seed)
-    rows = _rows(files, lambda g, l: split_of_group[g], lambda p: str(p.resolve()), reader_options or {}, out_dir)
+    empty = [c for c in classes if not scan(root / c)]
+    if empty:
+        raise ValueError(f"{root}: class folder(s) {empty} hold no image file (readers: {sorted(READERS)})")
+    files = [(p.resolve(), str(i), str(p.resolve()), "") for i, c in enumerate(classes) for p in scan(root / c)]
     if unlabelled_root:
-        pool = [(p, "") for p in scan(Path(unlabelled_root))]
-        rows += _rows(pool, lambda g, l: "unlabelled", lambda p: str(p.resolve()), reader_options or {}, out_dir)
+        files += [(p.resolve(), "", str(p.resolve()), "unlabelled") for p in scan(Path(unlabelled_root))]
+    rows = _split(_entries(files, reader_options or {}), split_fractions, seed)
     return _write(Path(out_dir), rows, {"name": root.name, "task": "multiclass", "classes": classes,
                                         "channels": channels, "source": {"root": str(root)}})
 
@@ -115,7 +127,7 @@ def build_csv(out_dir, manifest: str, split_fractions=(0.6, 0.2, 0.2), seed: int
     (paths relative to the table's folder).
 
     Labels may be class names or indices; `a|b` is multi-label. Rows without a split are
-    assigned one per group (the group defaults to the source file).
+    assigned one per group (the group defaults to the source file), stratified by class.
     """
     manifest = Path(manifest)
     if manifest.suffix.lower() == ".parquet":
@@ -137,18 +149,11 @@ def build_csv(out_dir, manifest: str, split_fractions=(0.6, 0.2, 0.2), seed: int
         except ValueError:
             raise ValueError(f"{manifest}:{line}: unknown label {text!r} (classes: {names})") from None
 
-    entries = []
+    files = []
     for line, r in enumerate(table, start=2):
         path = (manifest.parent / r["path"]).resolve()
-        entries.append((path, label_of(r.get("label", ""), line), r.get("group") or str(path), r.get("split") or ""))
-    sizes = Counter(g for _, _, g, s in entries if not s)
-    assigned = assign_splits(sizes, tuple(split_fractions), seed) if sizes else {}
-    rows = []
-    for path, label, group, split in entries:
-        split = split or ("unlabelled" if not label else assigned[group])
-        digest = file_sha256(path) if path.is_file() else ""
-        for index in expand(path, reader_options or {}) if path.is_file() else [None]:
-            rows.append((str(path), split, label, group, "" if index is None else index, digest))
+        files.append((path, label_of(r.get("label", ""), line), r.get("group") or str(path), r.get("split") or ""))
+    rows = _split(_entries(files, reader_options or {}), split_fractions, seed)
     task = "multilabel" if any("|" in (r.get("label") or "") for r in table) else "multiclass"
     return _write(Path(out_dir), rows, {"name": manifest.stem, "task": task, "classes": names,
                                         "channels": channels, "source": {"manifest": str(manifest)}})

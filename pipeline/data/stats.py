@@ -8,45 +8,45 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.data.manifest import Record, read_record
-from pipeline.data.readers import read_image
+from pipeline.data.manifest import Record, read_records
 
-STATS_VERSION = 1
+# 2: mean/std are those of the clipped values the Normalizer standardises (1: of raw values)
+STATS_VERSION = 2
 
 
 def compute_channel_stats(paths: Iterable[Path | Record], channel_names: list[str] | None = None,
                           sample_per_channel: int = 200_000, percentiles=(1.0, 99.0),
                           seed: int = 0, quiet: bool = False, reader_options: dict | None = None) -> dict:
-    """One streaming pass: exact mean/std (float64 sums) and percentiles from a sample.
+    """Per-channel statistics of exactly what the Normalizer computes with, in two passes.
 
-    NaN pixels (nodata) are excluded. Each file contributes an equal share of at most
-    `sample_per_channel` values per channel, so memory stays bounded for any pool size.
+    Pass 1 draws a sample (each image an equal share of at most `sample_per_channel` values per
+    channel) for the `percentiles` p_low/p_high. Pass 2 sums, exactly in float64, the values
+    clipped to [p_low, p_high]: `mean`/`std` are those of the clipped values, so the normalised
+    data has mean 0 and std 1 per channel however many outliers the raw data has.
+    NaN pixels (nodata) are left out everywhere. Each file is decoded once per pass.
+    ValueError for no images, channel counts that differ, or a channel without a valid pixel.
     """
-    paths = list(paths)
-    rng = np.random.default_rng(seed)
-    per_file = max(1, sample_per_channel // max(1, len(paths)))
-    n = s1 = s2 = None
-    samples: list[list[np.ndarray]] = []
-    for path in tqdm(paths, desc="channel stats", disable=quiet, leave=False):
-        img = (read_record(path, **(reader_options or {})) if isinstance(path, Record)
-               else read_image(path, **(reader_options or {})))  # [C, H, W]
-        flat = img.reshape(img.shape[0], -1).astype(np.float64)
-        if n is None:
-            n, s1, s2 = (np.zeros(img.shape[0]) for _ in range(3))
-            samples = [[] for _ in range(img.shape[0])]
-        elif flat.shape[0] != n.shape[0]:
-            raise ValueError(f"{getattr(path, 'path', path)}: {flat.shape[0]} channels, earlier images had {n.shape[0]}")
-        ok = np.isfinite(flat)
-        n += ok.sum(1)
-        s1 += np.where(ok, flat, 0).sum(1)
-        s2 += np.where(ok, flat * flat, 0).sum(1)
-        for c in range(flat.shape[0]):
-            vals = flat[c][ok[c]]
-            samples[c].append(vals if vals.size <= per_file else rng.choice(vals, per_file, replace=False))
-    if n is None:
+    records = [p if isinstance(p, Record) else Record(Path(p), "unlabelled", -1, str(p)) for p in paths]
+    if not records:
         raise ValueError("no images to compute channel statistics from")
-    if (n == 0).any():
-        raise ValueError(f"channels {np.flatnonzero(n == 0).tolist()} have no valid pixel")
+    rng = np.random.default_rng(seed)
+    per_image = max(1, sample_per_channel // len(records))
+    samples: list[list[np.ndarray]] | None = None
+    for flat, ok in _pixels(records, reader_options, quiet, "channel percentiles"):
+        if samples is None:
+            samples = [[] for _ in range(len(flat))]
+        for c, values in enumerate(flat):
+            vals = values[ok[c]]
+            samples[c].append(vals if vals.size <= per_image else rng.choice(vals, per_image, replace=False))
+    empty = [c for c, chunks in enumerate(samples) if not sum(len(v) for v in chunks)]
+    if empty:
+        raise ValueError(f"channels {empty} have no valid pixel")
+    low = np.array([np.percentile(np.concatenate(c), percentiles[0]) for c in samples])
+    high = np.array([np.percentile(np.concatenate(c), percentiles[1]) for c in samples])
+    n = s1 = s2 = 0.0
+    for flat, ok in _pixels(records, reader_options, quiet, "channel mean/std"):
+        clipped = np.where(ok, np.clip(flat, low[:, None], high[:, None]), 0.0)  # [C, H*W]
+        n, s1, s2 = n + ok.sum(1), s1 + clipped.sum(1), s2 + (clipped * clipped).sum(1)
     mean = s1 / n
     std = np.sqrt(np.maximum(s2 / n - mean**2, 0))
     names = channel_names or [f"band_{i}" for i in range(len(mean))]
@@ -58,10 +58,24 @@ def compute_channel_stats(paths: Iterable[Path | Record], channel_names: list[st
         "mean": mean.tolist(),
         "std": np.maximum(std, 1e-6).tolist(),
         "percentiles": list(percentiles),
-        "p_low": [float(np.percentile(np.concatenate(c), percentiles[0])) for c in samples],
-        "p_high": [float(np.percentile(np.concatenate(c), percentiles[1])) for c in samples],
+        "p_low": low.tolist(),
+        "p_high": high.tolist(),
         "pixels": n.astype(int).tolist(),
     }
+
+
+def _pixels(records: list[Record], reader_options: dict | None, quiet: bool, desc: str):
+    """-> per image (float64 values [C, H*W], finite mask [C, H*W]); every image must share C."""
+    channels = None
+    for _, rec, img in tqdm(read_records(records, **(reader_options or {})), total=len(records), desc=desc,
+                            disable=quiet, leave=False):
+        if isinstance(img, Exception):
+            raise img
+        if channels is not None and img.shape[0] != channels:
+            raise ValueError(f"{rec.path}: {img.shape[0]} channels, earlier images had {channels}")
+        channels = img.shape[0]
+        flat = img.reshape(channels, -1).astype(np.float64)
+        yield flat, np.isfinite(flat)
 
 
 def save_stats(stats: dict, path: str | Path) -> None:

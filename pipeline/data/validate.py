@@ -2,33 +2,51 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
-from pipeline.data.manifest import Record, read_record
-from pipeline.data.readers import ReadError
+from pipeline.data.manifest import Record, read_records
+from pipeline.data.readers import ReadError, conversion, no_conversion
+
+
+@dataclass
+class Validation:
+    good: list[Record]
+    bad: list[tuple[Record, str]]          # (record, reason naming its file)
+    channels: int | None                   # the count every good image is converted to
+    stored: Counter = field(default_factory=Counter)       # stored channel count -> good images
+    conversions: Counter = field(default_factory=Counter)  # "grey -> 3 channels by ..." -> images
 
 
 def validate_records(records: list[Record], channels: int | None = None, reader_options: dict | None = None,
-                     quiet: bool = False) -> tuple[list[Record], list[tuple[Record, str]]]:
-    """-> (good records, [(bad record, reason)]). The expected channel count is `channels`, or
-    the most common count among readable images; any other count is a bad file."""
-    counts: dict[int, int] = {}
+                     quiet: bool = False) -> Validation:
+    """Decode every record (each file once) -> which can be used, converted to how many channels.
+
+    channels: the data set's channel count; None: the largest count among readable images.
+    An image is bad when its file cannot be decoded (ReadError) or no conversion turns its
+    stored channels into `channels` (channels.conversion: grey -> N, RGB -> grey).
+    """
+    stored: dict[int, int] = {}
     bad: list[tuple[Record, str]] = []
-    for i, rec in enumerate(tqdm(records, desc="validate", disable=quiet, leave=False)):
-        try:
-            img = read_record(rec, **(reader_options or {}))
-        except ReadError as err:  # readers refuse corrupt, inf-valued and all-nodata images
-            bad.append((rec, str(err)))
-            continue
-        counts[i] = img.shape[0]
-    expected = channels or (Counter(counts.values()).most_common(1)[0][0] if counts else None)
-    good = []
-    for i, rec in enumerate(records):
-        if i not in counts:
-            continue
-        if counts[i] != expected:
-            bad.append((rec, f"{rec.path}: {counts[i]} channels, the data set has {expected}"))
+    raw = [replace(r, channels=None) for r in records]  # as stored
+    for i, rec, img in tqdm(read_records(raw, **(reader_options or {})), total=len(raw), desc="validate",
+                            disable=quiet, leave=False):
+        if isinstance(img, ReadError):  # readers refuse corrupt, inf-valued and all-nodata images
+            bad.append((records[i], str(img)))
         else:
-            good.append(rec)
-    return good, bad
+            stored[i] = img.shape[0]
+    target = channels or max(stored.values(), default=None)
+    result = Validation([], bad, target)
+    for i, rec in enumerate(records):
+        if i not in stored:
+            continue
+        how = conversion(stored[i], target)
+        if how is None:
+            bad.append((rec, no_conversion(rec.path, stored[i], target)))
+            continue
+        result.good.append(rec)
+        result.stored[stored[i]] += 1
+        if how:
+            result.conversions[how] += 1
+    return result

@@ -39,13 +39,13 @@ def make_dataset(cfg: Config, records: list[Record], stats: dict, train: bool,
 def cached_read_fn(cfg: Config, records: list[Record], accelerator):
     """With data.cache, decode `records` once into memory-mapped shards (one process per node
     builds, the others open it) -> a record reader for ManifestDataset; else None.
-    Images of different sizes cannot share shards: then reading stays uncached, with a warning."""
+    Images of any mix of sizes are cached, each with its own shape."""
     if not cfg.data.cache:
         return None
     from pipeline.data.cache import cached_reader
 
     root = Path(cfg.data.root) / ".cache"
     if accelerator.is_local_main_process:
-        cached_reader(records, root, reader_options=cfg.data.reader_options, quiet=cfg.run.quiet, fallback=True)
+        cached_reader(records, root, reader_options=cfg.data.reader_options, quiet=cfg.run.quiet)
     accelerator.wait_for_everyone()
-    return cached_reader(records, root, reader_options=cfg.data.reader_options, quiet=True, fallback=True)
+    return cached_reader(records, root, reader_options=cfg.data.reader_options, quiet=True)

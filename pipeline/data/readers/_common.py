@@ -5,12 +5,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data import DataError
 
-class ReadError(ValueError):
+
+class ReadError(DataError):
     """A file could not be decoded into an image; the message names the file and why."""
 
 
-class OptionError(ValueError):
+class OptionError(DataError):
     """A reader option has an invalid value (a configuration error, not a bad file)."""
 
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,8 @@ import torch
 from rasterio.transform import Affine
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.data.cache import (CachedReader, CacheError, ShapeMismatchError, TileCache, cache_key,
-                                 cached_reader)
-from pipeline.data.manifest import Record
+from pipeline.data.cache import CachedReader, CacheError, TileCache, cache_key, cached_reader
+from pipeline.data.manifest import Record, read_record
 from pipeline.data.readers import read_image
 
 REPO = Path(__file__).resolve().parents[3]
@@ -96,7 +96,7 @@ def test_key_follows_files_reader_and_options(tmp_path):
     paths = [os.path.abspath(r.path) for r in records]
     key = cache_key(paths)
     assert cache_key(paths) == key
-    assert cache_key(paths, reader_options={"bands": [1]}) != key
+    assert cache_key(paths, reader_options={"tiff": {"bands": [1]}}) != key
     assert cache_key(paths, read_fn=counting_read) != key
     assert cache_key(paths[::-1]) != key
     content = cache_key(paths, fingerprint="content")
@@ -145,25 +145,42 @@ def test_killed_build_leaves_only_a_temp_folder_that_is_never_opened(tmp_path):
     assert [p.name for p in root.iterdir()] == [cache.path.name]
 
 
-def test_shape_mismatch_names_the_first_differing_file(tmp_path):
-    records = make_tiles(tmp_path / "src", n=6)
+def test_images_of_mixed_shapes_keep_the_cache_each_with_its_shape(tmp_path):
+    """Issue 8 case 5: X-rays of several sizes and volume slices are cached, not read uncached."""
+    import nibabel as nib
+    from pydicom.data import get_testdata_file
+
+    records = make_tiles(tmp_path / "src", n=4)
     np.save(tmp_path / "src" / "t3.npy", np.ones((3, 8, 9), np.float32))
-    root = tmp_path / "cache"
-    with pytest.raises(ShapeMismatchError, match=r"t3\.npy: decoded shape \(3, 8, 9\) differs from \(3, 8, 8\)"):
-        TileCache.build(records, root, quiet=True)
-    assert not any((p / "index.json").exists() for p in root.iterdir())
-    CALLS["n"] = 0
-    with pytest.raises(ShapeMismatchError, match=r"t3\.npy"):  # remembered: fails before decoding
-        TileCache.build(records, root, read_fn=counting_read, quiet=True)
-    with pytest.raises(ShapeMismatchError, match=r"t3\.npy"):
-        TileCache.build(records, root, read_fn=counting_read, quiet=True)
-    assert CALLS["n"] == 4  # one decode pass (t0..t3) for the first counting build, none after
-    with pytest.warns(UserWarning, match="t3.npy"):
-        read = cached_reader(records, root, quiet=True)
-    assert not isinstance(read, CachedReader)  # the caller falls back to uncached reading
-    assert read(records[3]).shape == (3, 8, 9) and read(records[2]).shape == (3, 8, 8)
-    with pytest.raises(ShapeMismatchError):
-        cached_reader(records, root, fallback=False, quiet=True)
+    for name in ("CT_small.dcm", "MR_small.dcm"):  # 128 x 128 and 64 x 64
+        shutil.copy(get_testdata_file(name, download=False), tmp_path / "src" / name)
+        records.append(Record(tmp_path / "src" / name, "unlabelled", -1, name, channels=3))
+    volume = np.random.default_rng(0).normal(100, 10, (6, 5, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "src" / "v.nii.gz")
+    records += [Record(tmp_path / "src" / "v.nii.gz", "unlabelled", -1, "v", index=i) for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "tile cache not used" any more
+        read = cached_reader(records, tmp_path / "cache", quiet=True)
+    assert isinstance(read, CachedReader) and read.cache.shape is None
+    assert [read.cache.shapes[i] for i in (0, 3, 4, 5, 6)] == [(3, 8, 8), (3, 8, 9), (3, 128, 128), (3, 64, 64), (1, 6, 5)]
+    for r in records:
+        assert np.array_equal(bits(read(r)), bits(read_record(r))), r.path
+    shutil.rmtree(tmp_path / "src")  # every image is served from the shards
+    assert read(records[4]).shape == (3, 128, 128) and read(records[-1]).shape == (1, 6, 5)
+
+
+def test_a_volume_is_decoded_once_per_build(tmp_path, monkeypatch):
+    import nibabel as nib
+
+    import pipeline.data.readers.nifti as nifti
+
+    nib.save(nib.Nifti1Image(np.ones((6, 5, 8), np.float32), np.eye(4)), tmp_path / "v.nii")
+    records = [Record(tmp_path / "v.nii", "unlabelled", -1, "v", index=i) for i in range(8)]
+    loads = []
+    original = nifti._load
+    monkeypatch.setattr(nifti, "_load", lambda *a: (loads.append(1), original(*a))[1])
+    TileCache.build(records, tmp_path / "cache", quiet=True)
+    assert len(loads) == 1
 
 
 def test_cached_reader_serves_cached_paths_and_reads_others(tmp_path):

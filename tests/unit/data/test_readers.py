@@ -3,7 +3,9 @@ import gzip
 import importlib.util
 import json
 import logging
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import cv2
@@ -52,10 +54,13 @@ def test_registry_covers_every_format_and_readers_take_a_bare_path(tmp_path):
 def test_unknown_option_is_a_type_error_naming_the_known_ones(tmp_path):
     path = tmp_path / "a.png"
     Image.fromarray(np.zeros((4, 5), np.uint8)).save(path)
-    with pytest.raises(TypeError, match="alpha"):
-        read_image(path, window="lung")
+    with pytest.raises(OptionError, match=r"reader_options\.png\.window: unknown option \(png takes alpha\)"):
+        read_image(path, png={"window": "lung"})
+    with pytest.raises(OptionError, match=r"reader_options\.gif: no such reader"):
+        read_image(path, gif={})
     with pytest.raises(OptionError, match="alpha"):
-        read_image(path, alpha="transparent")
+        read_image(path, png={"alpha": "transparent"})
+    assert read_image(path, dicom={"window": "lung"}).shape == (1, 4, 5)  # another reader's options
 
 
 @pytest.mark.parametrize("name,content,reason", [
@@ -119,16 +124,94 @@ def test_alpha_is_dropped_kept_or_turned_into_nodata(tmp_path):
     rgba[:4, :, 3] = 0
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     assert read_image(tmp_path / "a.png").shape == (3, 8, 8)
-    assert read_image(tmp_path / "a.png", alpha="keep").shape == (4, 8, 8)
-    masked = read_image(tmp_path / "a.png", alpha="nodata")
+    assert read_image(tmp_path / "a.png", png={"alpha": "keep"}).shape == (4, 8, 8)
+    masked = read_image(tmp_path / "a.png", png={"alpha": "nodata"})
     assert masked.shape == (3, 8, 8)
     assert np.isnan(masked[:, :4]).all() and (masked[:, 4:] == 200).all()
 
 
-def test_palette_png_is_expanded_to_rgb(tmp_path):
-    im = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4)).convert("P")
+def _png(path: Path, samples: np.ndarray, color_type: int, bit_depth: int, plte=None, trns: bytes | None = None):
+    """Write a PNG byte by byte (PNG spec, ISO 15948): any colour type and bit depth, optional
+    PLTE and tRNS chunks, which Pillow and OpenCV cannot all write. samples: [H, W, S] ints."""
+    h, w, _ = samples.shape
+    rows = b""
+    for row in samples:
+        if bit_depth < 8:  # sub-byte samples, most significant bits first
+            bits = np.unpackbits(row[:, 0].astype(np.uint8)[:, None], axis=1)[:, 8 - bit_depth:]
+            rows += b"\0" + np.packbits(bits.ravel()).tobytes()
+        else:
+            rows += b"\0" + row.astype(">u2" if bit_depth == 16 else "u1").tobytes()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0))
+    out += chunk(b"PLTE", np.asarray(plte, np.uint8).tobytes()) if plte is not None else b""
+    out += chunk(b"tRNS", trns) if trns is not None else b""
+    path.write_bytes(out + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+_V = np.arange(16).reshape(4, 4)  # pixel (0, 3) holds value 3: the transparent one below
+_GREY_PAL = [[17 * i] * 3 for i in range(16)]
+_COLOUR_PAL = [[17 * i, 255 - 17 * i, (40 * i) % 256] for i in range(16)]
+# name: (samples [H, W, S], colour type, bit depth, PLTE, tRNS, channels, expected values [C, H, W])
+PNG_MATRIX = {
+    "grey1": (_V[..., None] % 2, 0, 1, None, None, 1, (_V % 2) * 255),
+    "grey2": (_V[..., None] % 4, 0, 2, None, None, 1, (_V % 4) * 85),
+    "grey4": (_V[..., None], 0, 4, None, None, 1, _V * 17),
+    "grey8": (_V[..., None] * 16, 0, 8, None, None, 1, _V * 16),
+    "grey16": (_V[..., None] * 4000, 0, 16, None, None, 1, _V * 4000),
+    "grey8_trns": (_V[..., None], 0, 8, None, struct.pack(">H", 3), 1, _V),
+    "grey16_trns": (_V[..., None] * 4000, 0, 16, None, struct.pack(">H", 12000), 1, _V * 4000),
+    "grey_alpha8": (np.dstack([_V * 16, np.where(_V == 3, 0, 255)]), 4, 8, None, None, 1, _V * 16),
+    "grey_alpha16": (np.dstack([_V * 4000, np.where(_V == 3, 0, 65535)]), 4, 16, None, None, 1, _V * 4000),
+    "rgb8": (np.dstack([_V, _V * 2, _V * 3]), 2, 8, None, None, 3, [_V, _V * 2, _V * 3]),
+    "rgb8_trns": (np.dstack([_V, _V * 2, _V * 3]), 2, 8, None, struct.pack(">HHH", 3, 6, 9), 3, [_V, _V * 2, _V * 3]),
+    "rgb16": (np.dstack([_V, _V * 2, _V * 3]) * 1000, 2, 16, None, None, 3, [_V * 1000, _V * 2000, _V * 3000]),
+    "rgb16_trns": (np.dstack([_V, _V * 2, _V * 3]) * 1000, 2, 16, None, struct.pack(">HHH", 3000, 6000, 9000), 3,
+                   [_V * 1000, _V * 2000, _V * 3000]),
+    "rgba8": (np.dstack([_V, _V * 2, _V * 3, np.where(_V == 3, 0, 255)]), 6, 8, None, None, 3, [_V, _V * 2, _V * 3]),
+    "rgba16": (np.dstack([_V * 1000, _V * 2000, _V * 3000, np.where(_V == 3, 0, 65535)]), 6, 16, None, None, 3,
+               [_V * 1000, _V * 2000, _V * 3000]),
+    "palette_grey4": (_V[..., None], 3, 4, _GREY_PAL, None, 1, _V * 17),
+    "palette_grey8_trns": (_V[..., None], 3, 8, _GREY_PAL, bytes([255, 255, 255, 0]), 1, _V * 17),
+    "palette_grey1": (_V[..., None] % 2, 3, 1, [[0] * 3, [255] * 3], None, 1, (_V % 2) * 255),
+    "palette_colour2": (_V[..., None] % 4, 3, 2, _COLOUR_PAL[:4], None, 3,
+                        np.asarray(_COLOUR_PAL)[_V % 4].transpose(2, 0, 1)),
+    "palette_colour8_trns": (_V[..., None], 3, 8, _COLOUR_PAL, bytes([255, 255, 255, 0]), 3,
+                             np.asarray(_COLOUR_PAL)[_V].transpose(2, 0, 1)),
+}
+TRANSPARENT = {"grey8_trns", "grey16_trns", "grey_alpha8", "grey_alpha16", "rgb8_trns", "rgb16_trns", "rgba8",
+               "rgba16", "palette_grey8_trns", "palette_colour8_trns"}
+
+
+@pytest.mark.parametrize("name", sorted(PNG_MATRIX))
+def test_every_png_colour_type_and_bit_depth_gives_its_documented_channels_and_nodata(tmp_path, name):
+    """Issue 8 case 2: grey 1/2/4/8/16-bit, grey+alpha, RGB 8/16, RGBA, palette with and without
+    tRNS: the channels and values docs/png.py states, and NaN exactly where transparent."""
+    samples, colour_type, depth, plte, trns, channels, expected = PNG_MATRIX[name]
+    path = tmp_path / f"{name}.png"
+    _png(path, np.asarray(samples), colour_type, depth, plte, trns)
+    expected = np.asarray(expected, np.float32).reshape(channels, 4, 4)
+    drop = read_image(path)
+    assert drop.shape == (channels, 4, 4)
+    np.testing.assert_array_equal(drop, expected)  # alpha="drop": values as stored, no NaN
+    nodata = read_image(path, png={"alpha": "nodata"})
+    transparent = np.isnan(nodata).all(0)
+    assert transparent.sum() == (1 if name in TRANSPARENT else 0) and (not transparent.any() or transparent[0, 3])
+    np.testing.assert_array_equal(nodata[:, ~transparent], expected[:, ~transparent])
+    kept = read_image(path, png={"alpha": "keep"})
+    assert kept.shape == (channels + (name in TRANSPARENT), 4, 4)
+    if name in TRANSPARENT:
+        assert kept[-1, 0, 3] == 0 and kept[-1, 0, 0] == (65535 if "16" in name else 255)
+
+
+def test_grey_palette_png_joins_a_grey_data_set(tmp_path):
+    """Issue 8 case 2: a palette PNG whose entries are all grey was read as RGB and quarantined."""
+    im = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4) * 16).convert("P")  # Pillow's grey palette
     im.save(tmp_path / "p.png")
-    assert read_image(tmp_path / "p.png").shape == (3, 4, 4)
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png")[0], np.arange(16).reshape(4, 4) * 16)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
@@ -191,7 +274,7 @@ def test_geotiff_any_dtype_and_band_count_with_nodata(tmp_path, dtype):
 def test_band_selection_by_index_or_description_and_window(tmp_path):
     arr = _write_s2(tmp_path / "s2.tif")
     by_name = read_raster(tmp_path / "s2.tif", bands=["B04", "b03", "B02"])
-    by_index = read_image(tmp_path / "s2.tif", bands=[4, 3, 2])
+    by_index = read_image(tmp_path / "s2.tif", tiff={"bands": [4, 3, 2]})
     np.testing.assert_array_equal(by_name.data, by_index)
     np.testing.assert_array_equal(by_index, arr[[3, 2, 1]].astype(np.float32))
     assert by_name.band_names == ("B04", "B03", "B02") and by_name.source_dtype == "uint16"
@@ -201,7 +284,7 @@ def test_band_selection_by_index_or_description_and_window(tmp_path):
     with pytest.raises(ReadError, match="no band 'B8A'.*B01"):
         read_raster(tmp_path / "s2.tif", bands=["B8A"])
     with pytest.raises(ReadError, match="out of range 1..13"):
-        read_image(tmp_path / "s2.tif", bands=[0])
+        read_image(tmp_path / "s2.tif", tiff={"bands": [0]})
     with pytest.raises(ReadError, match="not inside"):
         read_raster(tmp_path / "s2.tif", window=(20, 0, 10, 10))
 
@@ -223,7 +306,7 @@ def test_truncated_geotiff_and_pixel_guard(tmp_path):
     with pytest.raises(ReadError, match="cut.tif"):
         read_image(tmp_path / "cut.tif")
     with pytest.raises(ReadError, match="max_pixels"):
-        read_image(tmp_path / "s2.tif", max_pixels=1000)
+        read_image(tmp_path / "s2.tif", tiff={"max_pixels": 1000})
 
 
 def test_nodata_only_geotiff_raises(tmp_path):
@@ -249,20 +332,20 @@ def test_ct_rescale_gives_hounsfield_units_and_windows_map_to_unit_range():
     out = read_image(dcm("CT_small.dcm"))
     np.testing.assert_allclose(out[0], hu)
     c, w = WINDOW_PRESETS["lung"]
-    lung = read_image(dcm("CT_small.dcm"), window="lung")
+    lung = read_image(dcm("CT_small.dcm"), dicom={"window": "lung"})
     np.testing.assert_allclose(lung[0], np.clip((hu - (c - 0.5)) / (w - 1) + 0.5, 0, 1), atol=1e-6)
-    three = read_image(dcm("CT_small.dcm"), window=["lung", "soft_tissue", (400, 1800)])
+    three = read_image(dcm("CT_small.dcm"), dicom={"window": ["lung", "soft_tissue", (400, 1800)]})
     assert three.shape == (3, 128, 128) and three.min() >= 0 and three.max() <= 1
     np.testing.assert_array_equal(three[0], lung[0])
     with pytest.raises(OptionError, match="lungs"):
-        read_image(dcm("CT_small.dcm"), window="lungs")
+        read_image(dcm("CT_small.dcm"), dicom={"window": "lungs"})
     with pytest.raises(ReadError, match="defines no window"):
-        read_image(dcm("CT_small.dcm"), window="header")
+        read_image(dcm("CT_small.dcm"), dicom={"window": "header"})
 
 
 def test_header_window_on_monochrome1_is_inverted_after_windowing():
-    out = read_image(dcm("RG1_UNCR.dcm"), window="header")
-    direct = read_image(dcm("RG1_UNCR.dcm"), window=(15000, 30000))  # the file's WindowCenter/Width
+    out = read_image(dcm("RG1_UNCR.dcm"), dicom={"window": "header"})
+    direct = read_image(dcm("RG1_UNCR.dcm"), dicom={"window": (15000, 30000)})  # the file's WindowCenter/Width
     np.testing.assert_array_equal(out, direct)
     raw = raw_pixels("RG1_UNCR.dcm")
     expected = 1 - np.clip((raw - 14999.5) / 29999 + 0.5, 0, 1)
@@ -316,7 +399,7 @@ def test_colour_dicom_is_rgb_and_refuses_a_window():
     assert read_images(dcm("SC_rgb_rle_2frame.dcm"))[1].shape == (3, 100, 100)
     assert read_image(dcm("OBXXXX1A.dcm")).shape == (3, 600, 800)  # palette colour
     with pytest.raises(ReadError, match="grayscale"):
-        read_image(dcm("US1_J2KI.dcm"), window="lung")
+        read_image(dcm("US1_J2KI.dcm"), dicom={"window": "lung"})
 
 
 @pytest.mark.parametrize("name,reason", [
@@ -369,8 +452,8 @@ def test_no_header_value_reaches_metadata_errors_warnings_or_logs(caplog):
             path, texts[name] = dcm(name), []
             for call in (lambda: texts[name].append(json.dumps(dicom_metadata(path))),
                          lambda: read_image(path), lambda: read_image(path, index=99),
-                         lambda: read_image(path, window="header"),
-                         lambda: read_images(path, window="lung")):
+                         lambda: read_image(path, dicom={"window": "header"}),
+                         lambda: read_images(path, dicom={"window": "lung"})):
                 try:
                     call()
                 except ReadError as err:
@@ -423,7 +506,7 @@ def test_real_4d_nifti_is_split_into_axial_slices_of_every_volume():
     np.testing.assert_array_equal(read_image(EXAMPLE4D, index=5), slices[5])
     with pytest.raises(ReadError, match=f"{len(slices)} slices"):
         read_image(EXAMPLE4D)
-    sagittal = read_images(EXAMPLE4D, axis=0, min_nonzero_fraction=0.0)
+    sagittal = read_images(EXAMPLE4D, nifti={"axis": 0, "min_nonzero_fraction": 0.0})
     assert len(sagittal) == vol.shape[0] * vol.shape[3] and sagittal[0].shape == (1, vol.shape[1], vol.shape[2])
 
 
@@ -435,11 +518,11 @@ def test_empty_slices_are_skipped_by_threshold(tmp_path, suffix):
     vol[0, 0, 3] = 9       # 1 of 48 pixels non-zero
     path = tmp_path / f"v{suffix}"
     nib.save(nib.Nifti1Image(vol, np.eye(4)), path)
-    assert len(read_images(path, min_nonzero_fraction=0.01)) == 3
-    assert len(read_images(path, min_nonzero_fraction=0.4)) == 2
-    assert len(read_images(path, min_nonzero_fraction=0.0)) == 5
+    assert len(read_images(path, nifti={"min_nonzero_fraction": 0.01})) == 3
+    assert len(read_images(path, nifti={"min_nonzero_fraction": 0.4})) == 2
+    assert len(read_images(path, nifti={"min_nonzero_fraction": 0.0})) == 5
     with pytest.raises(OptionError, match="axis"):
-        read_images(path, axis=3)
+        read_images(path, nifti={"axis": 3})
     nib.save(nib.Nifti1Image(np.zeros_like(vol), np.eye(4)), tmp_path / f"zero{suffix}")
     with pytest.raises(ReadError, match="all 5 slices"):
         read_images(tmp_path / f"zero{suffix}")
@@ -493,8 +576,8 @@ def test_npz_in_medmnist_layout(tmp_path):
     assert labels.shape == (5,) and labels.dtype == np.int64
     np.testing.assert_array_equal(labels, arrays["train_labels"][:, 0])
     assert len(read_images(tmp_path / "pathmnist.npz")) == 10
-    assert len(read_images(tmp_path / "pathmnist.npz", split="val")) == 2
-    np.testing.assert_array_equal(read_image(tmp_path / "pathmnist.npz", index=0, split="test"),
+    assert len(read_images(tmp_path / "pathmnist.npz", npz={"split": "val"})) == 2
+    np.testing.assert_array_equal(read_image(tmp_path / "pathmnist.npz", index=0, npz={"split": "test"}),
                                   arrays["test_images"][0].transpose(2, 0, 1))
     with pytest.raises(ReadError, match="10 images"):
         read_image(tmp_path / "pathmnist.npz")

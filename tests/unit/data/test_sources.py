@@ -102,17 +102,19 @@ def test_validation_quarantines_each_kind_of_bad_file_and_keeps_every_good_one(i
     (bad / "text.png").write_text("hello")
     good = (imagefolder / "cat" / "0.png").read_bytes()
     (bad / "truncated.png").write_bytes(good[: len(good) // 2])
-    _png(bad / "rgb.png", 5, mode="RGB")  # 3 bands among 1-band images
+    rgba = np.full((8, 8, 4), 5, np.uint8)  # 4 channels (alpha kept) in a 1-channel set: no conversion
+    Image.fromarray(rgba, "RGBA").save(bad / "rgba.png")
     np.save(bad / "nan.npy", np.full((1, 8, 8), np.nan, np.float32))
     arr = np.ones((1, 8, 8), np.float32)
     arr[0, 0, 0] = np.inf
     np.save(bad / "inf.npy", arr)
     Image.new("L", (20000, 20000)).save(bad / "bomb.png")  # 400 Mpx: over the decompression limit
     build_imagefolder(tmp_path / "out", str(imagefolder))
-    good_recs, bad_recs = validate_records(load_manifest(tmp_path / "out" / "manifest.csv"), quiet=True)
+    v = validate_records(load_manifest(tmp_path / "out" / "manifest.csv"), 1, {"png": {"alpha": "keep"}}, quiet=True)
+    good_recs, bad_recs = v.good, v.bad
     reasons = {r.path.name: why for r, why in bad_recs}
-    assert set(reasons) == {"zero.png", "text.png", "truncated.png", "rgb.png", "nan.npy", "inf.npy", "bomb.png"}
-    assert "3 channels, the data set has 1" in reasons["rgb.png"]
+    assert set(reasons) == {"zero.png", "text.png", "truncated.png", "rgba.png", "nan.npy", "inf.npy", "bomb.png"}
+    assert "4 channels, the data set has 1, and no conversion turns 4 into 1" in reasons["rgba.png"]
     assert "1 infinite pixel value" in reasons["inf.npy"]
     assert all(str(r.path) in reasons[r.path.name] for r, _ in bad_recs)  # each names its file
     assert len(good_recs) == 20
