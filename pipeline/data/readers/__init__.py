@@ -11,8 +11,8 @@ saying how many there are); for a single-image file `index` may be None or 0.
 
 `reader_options` are keyed by reader name; each file takes only its own reader's, so one set
 serves a folder of mixed formats, e.g. `read_image(p, dicom={"window": "lung"}, nifti={"axis": 0})`:
-  png   .png           alpha="drop"|"keep"|"nodata"                          (png.read_png)
-  jpeg  .jpg .jpeg     alpha (as png)                                        (png.read_png)
+  png   .png           alpha="drop"|"keep"|"nodata", orientation="exif"|"stored" (png.read_png)
+  jpeg  .jpg .jpeg     alpha, orientation (as png)                           (png.read_png)
   tiff  .tif .tiff     bands=[1-based index or description, ...], max_pixels (raster.read_tiff;
                        raster.read_raster also returns crs/transform)
   dicom .dcm .dicom    window=None|"lung"|(center, width)|[...], force=False (dicom.read_dicom)
