@@ -24,7 +24,7 @@ from pipeline.data.manifest import changed_files, dataset_hash, load_manifest, s
 from pipeline.data.readers import check_reader_options
 from pipeline.data.sources import SOURCES
 from pipeline.data.splits import SPLIT_NAMES, missing_from_splits, split_counts
-from pipeline.data.stats import STATS_VERSION, compute_channel_stats, save_stats
+from pipeline.data.stats import MIXED, STATS_VERSION, channel_units, compute_channel_stats, save_stats
 from pipeline.data.validate import Validation, validate_records
 from pipeline.tracking.base import Tracker
 
@@ -228,13 +228,24 @@ def _found_lines(info: dict, out: Path) -> list[str]:
     return lines
 
 
+def _units_line(info: dict) -> str:
+    units = info["units"]
+    if len(set(units)) == 1:
+        return f"  units: {units[0]} (every channel; stats.json has them)"
+    return "  units: " + ", ".join(f"{name} {unit}" for name, unit in zip(info["channels"], units))
+
+
 def _summary(v: Validation, counts: dict, info: dict, cfg: Config, out: Path, notes: list[str]) -> str:
     source = ("data.channels" if cfg.data.channels != "auto" else
               "auto: the data card's" if info.get("card_channels") else "auto: the largest count present")
     lines = [f"prepare: {len(v.good)} images used ({', '.join(f'{s} {n}' for s, n in info['counts'].items())}), "
              f"{len(v.bad)} quarantined" + (f" (all listed in {out / 'quarantine.csv'})" if v.bad else ""),
              f"  channels: {v.channels} {info['channels']} ({source}; stored: "
-             + ", ".join(f"{n} image(s) with {c}" for c, n in sorted(v.stored.items())) + ")"]
+             + ", ".join(f"{n} image(s) with {c}" for c, n in sorted(v.stored.items())) + ")",
+             _units_line(info)]
+    lines += [f"  WARNING channel {name!r} holds values of several units ({unit[len(MIXED):]}): its statistics "
+              "mix quantities; convert the files to one unit, or prepare them as separate data sets"
+              for name, unit in zip(info["channels"], info["units"]) if unit.startswith(MIXED)]
     lines += [f"  converted {n} image(s): {what}" for what, n in v.conversions.items()]
     lines += [f"  {key} by the builder: {value}" for key, value in info.items() if key.startswith("dropped") and value]
     lines += _found_lines(info, out)
@@ -273,8 +284,9 @@ def _build(cfg: Config, out: Path) -> dict:
     names = _channel_names(cfg, card, v.channels)
     stats = compute_channel_stats(pool, names, cfg.data.stats_sample_per_channel, cfg.data.clip_percentiles,
                                   seed=cfg.run.seed, quiet=cfg.run.quiet, reader_options=reader_options)
+    stats["units"] = channel_units(records, reader_options)
     save_stats(stats, out / "stats.json")
-    info.update(channels=stats["channels"], card_channels=card, prepare_settings=settings(cfg),
+    info.update(channels=stats["channels"], units=stats["units"], card_channels=card, prepare_settings=settings(cfg),
                 dataset_hash=dataset_hash(out / "manifest.csv"), quarantined=len(v.bad),
                 conversions=dict(v.conversions), split_counts=counts, duplicates=_duplicates(listed, classes),
                 counts={s: len(select(records, s)) for s in ("unlabelled", *SPLIT_NAMES)})
