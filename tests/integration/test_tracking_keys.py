@@ -91,3 +91,4 @@ def test_rest_store_refusals_cost_only_the_bad_entry(mlflow_server, capsys):
                                             Metric("fine", 3.0, 0, 0)])
     assert client.get_run(run_id).data.metrics == {"ok": 1.0, "fine": 3.0}
     assert "MLflow refused metric 'no(t)'" in capsys.readouterr().err
+
