@@ -78,6 +78,7 @@ Window = Union[str, tuple[float, float]]  # a preset name, "header", or (center,
 
 class PngOptions(_ReaderSection):
     alpha: Literal["drop", "keep", "nodata"] = "drop"
+    orientation: Literal["exif", "stored"] = "exif"  # exif: upright as the camera said (PIL's exif_transpose)
 
 
 class TiffOptions(_ReaderSection):

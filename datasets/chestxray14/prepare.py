@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 
+from pipeline.data.folders import list_images
 from pipeline.data.manifest import write_manifest
 from pipeline.data.splits import assign_splits
 
@@ -111,7 +112,7 @@ def _findings(csv_path: Path, line: int, row: dict, index: dict[str, int]) -> li
 
 
 def _pngs(src_dir: Path) -> list[Path]:
-    found = sorted(src_dir.rglob("*.png"))
+    found = [p for p in list_images(src_dir).images if p.suffix.lower() == ".png"]  # no OS junk (._*.png)
     dupes = [n for n, c in Counter(p.name for p in found).items() if c > 1]
     if dupes:
         raise ValueError(f"{src_dir}: image names found twice, e.g. {dupes[:3]}")

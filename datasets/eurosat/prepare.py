@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 
+from pipeline.data.folders import list_images
 from pipeline.data.manifest import write_manifest
 from pipeline.data.splits import assign_splits
 
@@ -72,7 +73,7 @@ def build(src_dir: str | Path, out_dir: str | Path, variant: str = "auto",
 def find_images(src_dir: Path, variant: str) -> list[tuple[Path, int]]:
     """-> [(image path, class index)] sorted by path; every class must have images."""
     index = {c.lower(): i for i, c in enumerate(CLASSES)}
-    found = sorted((p, index[p.parent.name.lower()]) for p in src_dir.rglob("*")
+    found = sorted((p, index[p.parent.name.lower()]) for p in list_images(src_dir).images  # no OS junk
                    if p.suffix.lower() in SUFFIXES[variant] and p.parent.name.lower() in index)
     missing = sorted(set(CLASSES) - {CLASSES[c] for _, c in found})
     if missing:
@@ -86,7 +87,7 @@ def _variant(src_dir: Path, variant: str) -> str:
         return variant
     if variant != "auto":
         raise ValueError(f"variant={variant!r}, expected 'ms', 'rgb' or 'auto'")
-    present = [v for v, sfx in SUFFIXES.items() if any(p.suffix.lower() in sfx for p in src_dir.rglob("*"))]
+    present = [v for v, sfx in SUFFIXES.items() if any(p.suffix.lower() in sfx for p in list_images(src_dir).images)]
     if len(present) != 1:
         raise FileNotFoundError(f"{src_dir}: found {present or 'no'} EuroSAT variants; pass variant='ms' or 'rgb'")
     return present[0]

@@ -3,7 +3,10 @@
 Used as `data.dataset: folder | imagefolder | csv` with `data.options` as keyword arguments.
 Every image a file holds becomes a row (frames of a multi-frame DICOM, slices of a volume) with
 its `index`; by default the images of one source file form one group, and splits are drawn per
-group so that no group straddles train and test. Each row records its file's sha256.
+group so that no group straddles train and test. Each row records its file's sha256, and files
+with equal content share a group (`share_groups_of_copies`): a copy never straddles splits.
+Folder sources follow one rule for what is an image and a class folder (folders.py); whatever
+they skip is written to `skipped.csv`.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from pipeline.data import DataError
+from pipeline.data.folders import class_folders, list_images, write_skipped
 from pipeline.data.manifest import write_manifest
 from pipeline.data.readers import MULTI_READERS, READERS, ReadError, image_suffix, read_images
 from pipeline.data.splits import assign_splits
@@ -25,26 +30,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def is_image_file(path: Path) -> bool:
-    """A file a reader takes: a known suffix, or no suffix and the DICOM preamble."""
-    name = path.name.lower()
-    if not path.is_file() or name.startswith("."):
-        return False
-    if name.endswith(".nii.gz") or path.suffix.lower() in READERS:
-        return True
-    if path.suffix == "" and path.stat().st_size > 132:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    return False
-
-
-def scan(root: Path, recursive: bool = True) -> list[Path]:
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    files = root.rglob("*") if recursive else root.iterdir()
-    return sorted(p for p in files if is_image_file(p))
 
 
 def expand(path: Path, reader_options: dict) -> list[int | None]:
@@ -80,9 +65,36 @@ def _entries(files: list[tuple[Path, str, str, str]], reader_options: dict) -> l
     return out
 
 
+def share_groups_of_copies(rows: list[list]) -> list[list]:
+    """Rows [path, split, label, group, index, sha256]: rows whose files have equal content
+    (sha256) get one group, the smallest name among the groups so joined (transitively: a
+    patient with a copy of another patient's file joins that patient), so that no copy of a
+    file straddles splits. Rows without a sha256 keep theirs. Changes `rows` in place."""
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    groups = sorted({r[3] for r in rows})
+    node = {g: i for i, g in enumerate(groups)}
+    first_group_of: dict[str, str] = {}
+    edges = [(node[r[3]], node[first_group_of.setdefault(r[5], r[3])]) for r in rows if r[5]]
+    if not edges:
+        return rows
+    a, b = np.array(edges).T
+    _, component = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(len(groups),) * 2),
+                                        directed=False)
+    name: dict[int, str] = {}
+    for g in groups:  # sorted: the first group seen of a component is its smallest name
+        name.setdefault(component[node[g]], g)
+    for r in rows:
+        r[3] = name[component[node[r[3]]]]
+    return rows
+
+
 def _split(rows: list[list], fractions, seed: int) -> list[list]:
-    """Labelled rows without a split get one, per group and stratified by class; rows without
-    a label are the unlabelled pool."""
+    """Labelled rows without a split get one, per group (copies of a file joined into one) and
+    stratified by class; rows without a label are the unlabelled pool."""
+    share_groups_of_copies(rows)
     todo = [r for r in rows if not r[1] and r[2] != ""]
     labels = [tuple(int(c) for c in r[2].split("|")) if "|" in r[2] else int(r[2]) for r in todo]
     split_of = assign_splits([r[3] for r in todo], labels, fractions, seed) if todo else {}
@@ -93,31 +105,54 @@ def _split(rows: list[list], fractions, seed: int) -> list[list]:
 
 def build_folder(out_dir, root: str, recursive: bool = True, channels: list[str] | None = None,
                  reader_options: dict | None = None) -> dict:
-    """Every image under `root` -> the unlabelled pool (each file its own group)."""
-    files = [(p.resolve(), "", str(p.resolve()), "unlabelled") for p in scan(Path(root), recursive)]
-    rows = _entries(files, reader_options or {})
-    return _write(Path(out_dir), rows, {"name": Path(root).name, "task": "unlabelled", "classes": [],
-                                        "channels": channels, "source": {"root": str(root)}})
+    """Every image under `root` (folders.py's rule) -> the unlabelled pool (each file its own
+    group, copies joined)."""
+    listing = list_images(Path(root), recursive)
+    files = [(p.resolve(), "", str(p.resolve()), "unlabelled") for p in listing.images]
+    rows = share_groups_of_copies(_entries(files, reader_options or {}))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _write(out_dir, rows, {"name": Path(root).name, "task": "unlabelled", "classes": [],
+                                  "channels": channels, "source": {"root": str(root)},
+                                  "skipped": write_skipped(out_dir, listing.skipped)})
 
 
 def build_imagefolder(out_dir, root: str, split_fractions=(0.6, 0.2, 0.2), seed: int = 0,
                       channels: list[str] | None = None, reader_options: dict | None = None,
                       unlabelled_root: str | None = None) -> dict:
-    """root/<class>/**/image -> labelled rows, split per source file (its group) and stratified
-    by class; an optional extra unlabelled pool."""
+    """root/<class>/**/image -> labelled rows, split per source file (its group; copies joined)
+    and stratified by class; an optional extra unlabelled pool. Class folders and images follow
+    folders.py's rule. DataError naming the folder when there is no class folder, or a class
+    folder holds no image file."""
     root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes, skipped = class_folders(root)
     if not classes:
-        raise ValueError(f"{root}: no class folders (expected root/<class>/<images>)")
-    empty = [c for c in classes if not scan(root / c)]
-    if empty:
-        raise ValueError(f"{root}: class folder(s) {empty} hold no image file (readers: {sorted(READERS)})")
-    files = [(p.resolve(), str(i), str(p.resolve()), "") for i, c in enumerate(classes) for p in scan(root / c)]
+        raise DataError(f"{root}: no class folders (expected root/<class>/<images>)"
+                        + (f"; skipped: {_first(skipped)}" if skipped else ""))
+    listings = {c: list_images(root / c) for c in classes}
+    for c, listing in listings.items():
+        if not listing.images:
+            holds = f"it holds only {_first(listing.skipped)}" if listing.skipped else "it is empty"
+            raise DataError(f"{root}: class folder {c!r} holds no image file ({holds}); add images, or "
+                            f"remove the folder (readers: {' '.join(sorted(READERS))})")
+    files = [(p.resolve(), str(i), str(p.resolve()), "") for i, c in enumerate(classes) for p in listings[c].images]
+    skipped += [s for c in classes for s in listings[c].skipped]
     if unlabelled_root:
-        files += [(p.resolve(), "", str(p.resolve()), "unlabelled") for p in scan(Path(unlabelled_root))]
+        pool = list_images(Path(unlabelled_root))
+        files += [(p.resolve(), "", str(p.resolve()), "unlabelled") for p in pool.images]
+        skipped += pool.skipped
     rows = _split(_entries(files, reader_options or {}), split_fractions, seed)
-    return _write(Path(out_dir), rows, {"name": root.name, "task": "multiclass", "classes": classes,
-                                        "channels": channels, "source": {"root": str(root)}})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _write(out_dir, rows, {"name": root.name, "task": "multiclass", "classes": classes,
+                                  "channels": channels, "source": {"root": str(root)},
+                                  "skipped": write_skipped(out_dir, skipped)})
+
+
+def _first(skipped: list[tuple[Path, str]], n: int = 3) -> str:
+    """'a.txt (no reader: suffix '.txt'), ... and 4 more' for a one-line message."""
+    text = ", ".join(f"{p.name} ({why})" for p, why in skipped[:n])
+    return text + (f" and {len(skipped) - n} more" if len(skipped) > n else "")
 
 
 def build_csv(out_dir, manifest: str, split_fractions=(0.6, 0.2, 0.2), seed: int = 0,

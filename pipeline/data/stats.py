@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
@@ -9,9 +10,13 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.data.manifest import Record, read_records
+from pipeline.data.readers import read_units
 
 # 2: mean/std are those of the clipped values the Normalizer standardises (1: of raw values)
-STATS_VERSION = 2
+# 3: physical values (GeoTIFF scales/offsets applied, as DICOM rescale and NIfTI scl were), and
+#    `units` per channel
+STATS_VERSION = 3
+MIXED = "mixed: "
 
 
 def compute_channel_stats(paths: Iterable[Path | Record], channel_names: list[str] | None = None,
@@ -62,6 +67,20 @@ def compute_channel_stats(paths: Iterable[Path | Record], channel_names: list[st
         "p_high": high.tolist(),
         "pixels": n.astype(int).tolist(),
     }
+
+
+def channel_units(records: list[Record], reader_options: dict | None = None) -> list[str]:
+    """Per channel, the unit of its values over `records` (readers.read_units: one header read per
+    file): the unit every file declares for it, or "mixed: HU (12 files), not declared (3 files)"
+    when files disagree. ReadError for a file whose header cannot be read."""
+    counts: list[Counter] = []
+    for rec in {r.path: r for r in reversed(records)}.values():  # the first record of each file
+        units = read_units(rec.path, rec.index, rec.channels, **(reader_options or {}))
+        counts += [Counter() for _ in range(len(units) - len(counts))]
+        for c, unit in enumerate(units):
+            counts[c][unit] += 1
+    return [next(iter(c)) if len(c) == 1 else MIXED + ", ".join(f"{u} ({n} files)" for u, n in sorted(c.items(), key=lambda x: (-x[1], x[0])))
+            for c in counts]
 
 
 def _pixels(records: list[Record], reader_options: dict | None, quiet: bool, desc: str):

@@ -41,6 +41,9 @@ def evaluate(cfg: Config, prepared: Path, classifier_dir: Path, accelerator: Acc
         out = stage_dir(cfg, name)
         out.mkdir(parents=True, exist_ok=True)
         tracker.log_params({"classifier": str(classifier_dir), "split": split, "n_images": m["n"]})
+        # class names as written (metric keys MLflow refuses are renamed by the tracker, which
+        # maps them back in its mimflow.renamed_keys tag; metrics.json keeps the original keys)
+        tracker.set_tags({"classes": json.dumps(classes)})
         tracker.log_metrics(scalars)
         report = {"split": split, "classes": classes, "n": m["n"], **scalars,
                   "macro_over": f"all classes of the data card; a class without a {split} image counts as 0",

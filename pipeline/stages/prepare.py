@@ -19,11 +19,12 @@ from accelerate import Accelerator
 
 from pipeline.config import Config
 from pipeline.data import DataError
+from pipeline.data.folders import SKIPPED_FILE, read_skipped
 from pipeline.data.manifest import changed_files, dataset_hash, load_manifest, select
 from pipeline.data.readers import check_reader_options
 from pipeline.data.sources import SOURCES
 from pipeline.data.splits import SPLIT_NAMES, missing_from_splits, split_counts
-from pipeline.data.stats import STATS_VERSION, compute_channel_stats, save_stats
+from pipeline.data.stats import MIXED, STATS_VERSION, channel_units, compute_channel_stats, save_stats
 from pipeline.data.validate import Validation, validate_records
 from pipeline.tracking.base import Tracker
 
@@ -180,15 +181,74 @@ def _check_splits(counts: dict, allowed: bool) -> list[str]:
     return notes
 
 
+def _duplicates(records: list, classes: list[str]) -> dict:
+    """Byte-identical files (equal sha256) among the manifest's rows -> {"files": copies beyond
+    the first of each set, "sets": sets of copies, "across_splits": sets whose rows lie in more
+    than one split (splits given by the source), "conflicting_labels": sets whose labelled rows
+    disagree, "first_across" / "first_conflict": an example of each, or ""}."""
+    by_hash: dict[str, dict] = {}
+    for r in records:
+        if r.sha256:
+            by_hash.setdefault(r.sha256, {})[r.path] = r
+    sets = [rows for rows in by_hash.values() if len(rows) > 1]
+    across = [s for s in sets if len({r.split for r in s.values()}) > 1]
+    conflict = [s for s in sets if len({r.label for r in s.values() if r.split != "unlabelled"}) > 1]
+
+    def example(rows: dict, show) -> str:
+        return " == ".join(f"{p} ({show(r)})" for p, r in list(rows.items())[:2])
+
+    def label(r) -> str:
+        return ", ".join(_class_names(r, classes)) or str(r.label)
+
+    return {"files": sum(len(s) - 1 for s in sets), "sets": len(sets), "across_splits": len(across),
+            "conflicting_labels": len(conflict),
+            "first_across": example(across[0], lambda r: r.split) if across else "",
+            "first_conflict": example(conflict[0], label) if conflict else ""}
+
+
+def _found_lines(info: dict, out: Path) -> list[str]:
+    """Summary lines for copies among the files and for paths the source skipped."""
+    d, lines = info["duplicates"], []
+    if d["files"]:
+        lines.append(f"  duplicates: {d['files']} file(s) are byte-identical copies of another ({d['sets']} set(s)); "
+                     "the rows of each set share one group, so a copy never straddles train/val/test")
+    if d["across_splits"]:
+        lines.append(f"  WARNING {d['across_splits']} set(s) of copies lie in more than one split, as the source "
+                     f"assigned them (first: {d['first_across']})")
+    if d["conflicting_labels"]:
+        lines.append(f"  WARNING {d['conflicting_labels']} set(s) of copies carry different labels "
+                     f"(first: {d['first_conflict']})")
+    skipped = read_skipped(out)
+    if skipped:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in (info.get("skipped") or {}).items())
+        lines.append(f"  skipped {len(skipped)} path(s) that are no images ({kinds}; all listed in {out / SKIPPED_FILE})")
+        lines += [f"    skipped {path} ({why})" for path, why in skipped[:SHOWN]]
+        if len(skipped) > SHOWN:
+            lines.append(f"    ... {len(skipped) - SHOWN} more in {out / SKIPPED_FILE}")
+    return lines
+
+
+def _units_line(info: dict) -> str:
+    units = info["units"]
+    if len(set(units)) == 1:
+        return f"  units: {units[0]} (every channel; stats.json has them)"
+    return "  units: " + ", ".join(f"{name} {unit}" for name, unit in zip(info["channels"], units))
+
+
 def _summary(v: Validation, counts: dict, info: dict, cfg: Config, out: Path, notes: list[str]) -> str:
     source = ("data.channels" if cfg.data.channels != "auto" else
               "auto: the data card's" if info.get("card_channels") else "auto: the largest count present")
     lines = [f"prepare: {len(v.good)} images used ({', '.join(f'{s} {n}' for s, n in info['counts'].items())}), "
              f"{len(v.bad)} quarantined" + (f" (all listed in {out / 'quarantine.csv'})" if v.bad else ""),
              f"  channels: {v.channels} {info['channels']} ({source}; stored: "
-             + ", ".join(f"{n} image(s) with {c}" for c, n in sorted(v.stored.items())) + ")"]
+             + ", ".join(f"{n} image(s) with {c}" for c, n in sorted(v.stored.items())) + ")",
+             _units_line(info)]
+    lines += [f"  WARNING channel {name!r} holds values of several units ({unit[len(MIXED):]}): its statistics "
+              "mix quantities; convert the files to one unit, or prepare them as separate data sets"
+              for name, unit in zip(info["channels"], info["units"]) if unit.startswith(MIXED)]
     lines += [f"  converted {n} image(s): {what}" for what, n in v.conversions.items()]
     lines += [f"  {key} by the builder: {value}" for key, value in info.items() if key.startswith("dropped") and value]
+    lines += _found_lines(info, out)
     if v.bad:
         lines.append(_listing(v.bad, out))
     if counts:
@@ -224,10 +284,11 @@ def _build(cfg: Config, out: Path) -> dict:
     names = _channel_names(cfg, card, v.channels)
     stats = compute_channel_stats(pool, names, cfg.data.stats_sample_per_channel, cfg.data.clip_percentiles,
                                   seed=cfg.run.seed, quiet=cfg.run.quiet, reader_options=reader_options)
+    stats["units"] = channel_units(records, reader_options)
     save_stats(stats, out / "stats.json")
-    info.update(channels=stats["channels"], card_channels=card, prepare_settings=settings(cfg),
+    info.update(channels=stats["channels"], units=stats["units"], card_channels=card, prepare_settings=settings(cfg),
                 dataset_hash=dataset_hash(out / "manifest.csv"), quarantined=len(v.bad),
-                conversions=dict(v.conversions), split_counts=counts,
+                conversions=dict(v.conversions), split_counts=counts, duplicates=_duplicates(listed, classes),
                 counts={s: len(select(records, s)) for s in ("unlabelled", *SPLIT_NAMES)})
     (out / "dataset.json").write_text(json.dumps(info, indent=2))
     print(_summary(v, counts, info, cfg, out, notes))
@@ -242,9 +303,11 @@ def prepare(cfg: Config, accelerator: Accelerator, tracker: Tracker) -> Path:
         tracker.log_params({"dataset": cfg.data.dataset, "dataset_hash": info["dataset_hash"],
                             **{f"data.{k}": v for k, v in cfg.data.options.items()},
                             **{f"count.{k}": v for k, v in info["counts"].items()}})
-        tracker.log_metrics({"prepare/quarantined": info.get("quarantined", 0)})
+        tracker.log_metrics({"prepare/quarantined": info.get("quarantined", 0),
+                             "prepare/duplicate_files": (info.get("duplicates") or {}).get("files", 0),
+                             "prepare/skipped_paths": sum((info.get("skipped") or {}).values())})
         tracker.set_tags({"dataset_hash": info["dataset_hash"]})
-        for name in ("manifest.csv", "dataset.json", "stats.json", "quarantine.csv"):
+        for name in ("manifest.csv", "dataset.json", "stats.json", "quarantine.csv", SKIPPED_FILE):
             if (out / name).is_file():
                 tracker.log_artifact(out / name, "prepared")
     accelerator.wait_for_everyone()

@@ -8,6 +8,7 @@ metrics the server already holds for a step, so a resumed stage has no duplicate
 """
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -20,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingConfig
+from pipeline.tracking.keys import RENAMED_TAG, KeyMap, fit_value
 from pipeline.tracking.retry import is_transient, log
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
@@ -32,6 +34,7 @@ class MlflowTracker:
         self.run_id, self.cfg = run_id, cfg
         self.client = MlflowClient(cfg.uri)
         self._stored = stored_steps or {}  # metric key -> last step the server already holds
+        self._keys = KeyMap()  # our keys -> keys MLflow accepts (keys.py)
         self._ops: deque[dict] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -42,19 +45,31 @@ class MlflowTracker:
     # -- the Tracker interface: enqueue only -----------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         now, step = int(time.time() * 1000), int(step or 0)
-        items = [[k, float(v), now, step] for k, v in metrics.items() if step > self._stored.get(k, -1)]
+        key = self._mlflow_keys(metrics, "metric")
+        items = [[key[k], float(v), now, step] for k, v in metrics.items() if step > self._stored.get(key[k], -1)]
         for i in range(0, len(items), MAX_METRICS):
             self._put({"op": "metrics", "items": items[i:i + MAX_METRICS]})
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [[k, str(v)[:6000]] for k, v in params.items()]
+        key = self._mlflow_keys(params, "param")
+        items = [[key[k], fit_value(k, v, "param")] for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS):
             self._put({"op": "params", "items": items[i:i + MAX_PARAMS]})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = [[k, str(v)] for k, v in tags.items()]
+        key = self._mlflow_keys(tags, "tag")
+        items = [[key[k], fit_value(k, v, "tag")] for k, v in tags.items()]
         for i in range(0, len(items), MAX_TAGS):
             self._put({"op": "tags", "items": items[i:i + MAX_TAGS]})
+
+    def _mlflow_keys(self, entries: dict, kind: str) -> dict[str, str]:
+        """{our key: the key MLflow gets}; new renames are recorded in the run's RENAMED_TAG."""
+        before = len(self._keys.renamed())
+        key = self._keys.map(entries, kind)
+        renamed = self._keys.renamed()
+        if len(renamed) > before:
+            self._put({"op": "tags", "items": [[RENAMED_TAG, fit_value(RENAMED_TAG, json.dumps(renamed), "tag")]]})
+        return key
 
     def log_artifact(self, path, artifact_path=None) -> None:
         # A snapshot: the caller may delete or rewrite the file before it is delivered.
@@ -167,22 +182,19 @@ class MlflowTracker:
 
 
 def deliver(client: MlflowClient, run_id: str, batch: list[dict]) -> None:
-    """One request for a batch of queued calls (raises on failure; nothing is half-applied
-    except artefact folders, which are idempotent to resend)."""
+    """One request for a batch of queued calls. Raises what is worth retrying (is_transient)
+    and an artefact refusal; a metric, param or tag MLflow refuses is dropped alone, with a
+    message naming its key (log_entries), and the rest of its batch is delivered. A retried
+    batch may resend entries: MLflow keeps one copy of an identical metric, param or tag,
+    and artefacts are idempotent to resend."""
     op = batch[0]
     kind = op["op"]
     if kind == "metrics":
-        metrics = [Metric(k, v, ts, step) for o in batch for k, v, ts, step in o["items"]]
-        client.log_batch(run_id, metrics=metrics, synchronous=True)
+        log_entries(client, run_id, "metrics", [Metric(k, v, ts, step) for o in batch for k, v, ts, step in o["items"]])
     elif kind == "params":
-        try:
-            client.log_batch(run_id, params=[Param(k, v) for k, v in op["items"]], synchronous=True)
-        except MlflowException as err:
-            if "Changing param values is not allowed" not in str(err):
-                raise
-            log(f"run {run_id}: a param differs from the value logged before the resume; kept the old one")
+        log_entries(client, run_id, "params", [Param(k, v) for k, v in op["items"]])
     elif kind == "tags":
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["items"]], synchronous=True)
+        log_entries(client, run_id, "tags", [RunTag(k, v) for k, v in op["items"]])
     elif kind == "artifact":
         client.log_artifact(run_id, op["path"], op["artifact_path"])
         if op.get("spooled"):
@@ -191,3 +203,26 @@ def deliver(client: MlflowClient, run_id: str, batch: list[dict]) -> None:
         client.log_artifacts(run_id, op["path"], op["artifact_path"])
     else:
         raise ValueError(f"unknown tracker call {kind!r}")
+
+
+def log_entries(client: MlflowClient, run_id: str, kind: str, entries: list) -> None:
+    """log_batch(kind=entries); when MLflow refuses it (not an outage), each half again, down to
+    single entries: one bad entry costs only itself, found in about 2 log2(n) requests.
+    kind: "metrics" | "params" | "tags". A param whose value differs from the one the run
+    already holds (a resumed run) keeps the old value; every other refused entry is dropped
+    with a message naming its key and MLflow's reason. Transient errors propagate."""
+    try:
+        client.log_batch(run_id, **{kind: entries}, synchronous=True)
+    except MlflowException as err:
+        if is_transient(err):
+            raise
+        if len(entries) > 1:
+            half = len(entries) // 2
+            log_entries(client, run_id, kind, entries[:half])
+            log_entries(client, run_id, kind, entries[half:])
+        elif kind == "params" and "Changing param values is not allowed" in str(err):
+            log(f"run {run_id}: param {entries[0].key!r} differs from the value logged before the resume; "
+                "kept the old one")
+        else:
+            log(f"MLflow refused {kind[:-1]} {entries[0].key!r} for run {run_id}, dropped: "
+                f"{str(err).splitlines()[0][:300]}")

@@ -31,25 +31,66 @@ def check_reachable(uri: str) -> None:
         raise RuntimeError(f"MLflow tracking server {uri} is unreachable: {err}") from None
 
 
+STORE_LOCK_TIMEOUT_S = 600.0  # a fresh store's migrations take seconds; a live holder is stuck
+
+
 def setup(cfg: TrackingConfig) -> str:
-    """Point MLflow at cfg.uri and make sure the experiment exists -> experiment id."""
+    """Point MLflow at cfg.uri and make sure the store and the experiment exist -> experiment id.
+
+    A SQLite store is opened (and, the first time, created by MLflow's schema migrations) and
+    its experiment created under a file lock beside the database (`mlflow.db.lock`): MLflow's
+    migrations are not safe to run twice at once, so simultaneous first commands on a fresh
+    store used to crash. Transient errors (a busy database) are retried for flush_timeout_s.
+    RuntimeError naming the lock file when another process holds it for STORE_LOCK_TIMEOUT_S.
+    """
     check_reachable(cfg.uri)
     # Our own retries (above) outlast an outage; MLflow's (7 by default, minutes of backoff per
     # call) would only delay noticing that the server is back.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     mlflow.set_tracking_uri(cfg.uri)
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
-    if exp is not None:
-        exp_id = exp.experiment_id
-    else:
-        location = None
-        if cfg.artifact_location and not cfg.uri.startswith(("http://", "https://")):
-            location = Path(cfg.artifact_location).resolve().as_uri()
-        exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    with _store_lock(cfg.uri):
+        exp_id = retrying(lambda: _experiment_id(cfg), f"opening MLflow store {cfg.uri}", cfg.flush_timeout_s,
+                          cfg.retry_max_backoff_s)
     mlflow.set_experiment(experiment_id=exp_id)
     replay_backlog(cfg)
     return exp_id
+
+
+def _experiment_id(cfg: TrackingConfig) -> str:
+    """The experiment's id, creating it when missing (another process may create it meanwhile)."""
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if cfg.artifact_location and not cfg.uri.startswith(("http://", "https://")):
+        location = Path(cfg.artifact_location).resolve().as_uri()
+    try:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock on `<database>.lock` for a SQLite file store; nothing for other stores
+    (a server serialises its own store) or a folder that does not exist (MLflow reports that)."""
+    from filelock import FileLock, Timeout
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database if uri.startswith("sqlite:") else None
+    if not database or database == ":memory:" or not Path(database).resolve().parent.is_dir():
+        yield
+        return
+    lock = Path(database).resolve().with_name(Path(database).name + ".lock")
+    try:
+        with FileLock(lock, timeout=STORE_LOCK_TIMEOUT_S):
+            yield
+    except Timeout:
+        raise RuntimeError(f"MLflow store {uri}: another process has held {lock} for over "
+                           f"{STORE_LOCK_TIMEOUT_S:g} s while opening the store") from None
 
 
 @contextmanager

@@ -11,8 +11,8 @@ saying how many there are); for a single-image file `index` may be None or 0.
 
 `reader_options` are keyed by reader name; each file takes only its own reader's, so one set
 serves a folder of mixed formats, e.g. `read_image(p, dicom={"window": "lung"}, nifti={"axis": 0})`:
-  png   .png           alpha="drop"|"keep"|"nodata"                          (png.read_png)
-  jpeg  .jpg .jpeg     alpha (as png)                                        (png.read_png)
+  png   .png           alpha="drop"|"keep"|"nodata", orientation="exif"|"stored" (png.read_png)
+  jpeg  .jpg .jpeg     alpha, orientation (as png)                           (png.read_png)
   tiff  .tif .tiff     bands=[1-based index or description, ...], max_pixels (raster.read_tiff;
                        raster.read_raster also returns crs/transform)
   dicom .dcm .dicom    window=None|"lung"|(center, width)|[...], force=False (dicom.read_dicom)
@@ -24,6 +24,12 @@ An unknown reader name or option is an OptionError naming it and the accepted on
 grey -> N, RGB -> grey); None keeps what the file stores.
 A file without a known suffix is read as DICOM when it has the DICOM preamble ("DICM" at byte
 128), as DICOM series often come as files without a suffix.
+
+Values are physical wherever the format declares how: GeoTIFF per-band scales and offsets,
+DICOM modality LUT / rescale slope and intercept, NIfTI scl_slope / scl_inter. `read_units`
+names the unit of each channel (from the header alone): a GeoTIFF band's declared unit, a
+DICOM rescale type (HU for CT) or window, and "not declared" (NOT_DECLARED) for everything
+else: PNG, JPEG, NumPy and NIfTI declare none.
 
 Every failure to decode a file (missing, zero-byte, corrupt, truncated, not an image, no finite
 pixel, decompression bomb, no channel conversion) is a ReadError naming the file and the reason.
@@ -38,13 +44,13 @@ from typing import Callable
 
 import numpy as np
 
-from ._common import OptionError, ReadError
+from ._common import NOT_DECLARED, OptionError, ReadError, no_unit
 from .arrays import read_npy, read_npz, read_npz_images, read_npz_split
 from .channels import conversion, convert_channels, no_conversion
-from .dicom import dicom_metadata, parse_window, read_dicom, read_dicom_frames
+from .dicom import dicom_metadata, dicom_units, parse_window, read_dicom, read_dicom_frames
 from .nifti import read_nifti, read_nifti_slices
 from .png import read_png
-from .raster import Raster, read_raster, read_tiff
+from .raster import Raster, raster_units, read_raster, read_tiff
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class Format:
     suffixes: tuple[str, ...]
     read: Callable[..., np.ndarray]                        # one image: read(path, [index,] **options)
     read_all: Callable[..., list[np.ndarray]] | None = None  # every image, for multi-image formats
+    units: Callable[..., str | list[str]] = no_unit          # units(path, index, **options): per channel, or one for all
 
     def options(self) -> tuple[str, ...]:
         """The option names this reader accepts."""
@@ -62,8 +69,8 @@ class Format:
 FORMATS: dict[str, Format] = {
     "png": Format((".png",), read_png),
     "jpeg": Format((".jpg", ".jpeg"), read_png),
-    "tiff": Format((".tif", ".tiff"), read_tiff),
-    "dicom": Format((".dcm", ".dicom"), read_dicom, read_dicom_frames),
+    "tiff": Format((".tif", ".tiff"), read_tiff, units=raster_units),
+    "dicom": Format((".dcm", ".dicom"), read_dicom, read_dicom_frames, dicom_units),
     "nifti": Format((".nii", ".nii.gz"), read_nifti, read_nifti_slices),
     "npy": Format((".npy",), read_npy),
     "npz": Format((".npz",), read_npz, read_npz_images),
@@ -76,9 +83,10 @@ MULTI_READERS = {s: FORMATS[n].read_all for s, n in READER_OF_SUFFIX.items() if 
 # Formats whose library messages may quote patient data: never pass them on.
 PRIVATE_SUFFIXES = {".dcm", ".dicom"}
 
-__all__ = ["FORMATS", "READERS", "MULTI_READERS", "OptionError", "ReadError", "Raster",
+__all__ = ["FORMATS", "READERS", "MULTI_READERS", "NOT_DECLARED", "OptionError", "ReadError", "Raster",
            "check_reader_options", "conversion", "convert_channels", "dicom_metadata", "no_conversion",
-           "image_suffix", "read_image", "read_images", "read_npz_split", "read_raster", "reader_name"]
+           "image_suffix", "read_image", "read_images", "read_npz_split", "read_raster", "read_units",
+           "reader_name"]
 
 
 def read_image(path: str | Path, index: int | None = None, channels: int | None = None,
@@ -104,6 +112,22 @@ def read_images(path: str | Path, channels: int | None = None, **reader_options:
     reader = MULTI_READERS.get(suffix)
     images = [_call(path, suffix, READERS[suffix], options)] if reader is None else _call(path, suffix, reader, options)
     return [convert_channels(path, img, channels) for img in images]
+
+
+def read_units(path: str | Path, index: int | None = None, channels: int | None = None,
+               **reader_options: dict) -> list[str]:
+    """The unit of each channel read_image(path, index, channels, **reader_options) returns,
+    from the header alone; ReadError (naming the file) when the header cannot be read."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    units = _call(path, suffix, FORMATS[READER_OF_SUFFIX[suffix]].units,
+                  {"index": index, **_options_for(suffix, reader_options)})
+    units = [units] if isinstance(units, str) else list(units)
+    if channels is None or channels == len(units):
+        return units
+    if len(units) == 1 or len(set(units)) == 1:  # grey -> N, or RGB -> grey of one unit
+        return [units[0]] * channels
+    return [" + ".join(dict.fromkeys(units))] * channels  # RGB -> grey of several units
 
 
 def reader_name(path: str | Path) -> str:

@@ -16,6 +16,16 @@ class OptionError(DataError):
     """A reader option has an invalid value (a configuration error, not a bad file)."""
 
 
+# The unit of values whose file declares none (PNG, JPEG, .npy, an untagged GeoTIFF band, most
+# non-CT DICOM): stored values, or physical ones in a unit only the data's source knows.
+NOT_DECLARED = "not declared"
+
+
+def no_unit(path: Path, index: int | None = None, **options) -> str:
+    """The `units` function of formats that never declare a unit."""
+    return NOT_DECLARED
+
+
 def finish(path: Path, arr: np.ndarray) -> np.ndarray:
     """Decoded pixels [C, H, W] (any dtype) -> float32 [C, H, W], NaN kept as nodata.
 

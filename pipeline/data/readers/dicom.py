@@ -7,6 +7,9 @@ Pipeline per frame (grayscale):
 Without a window the output is in modality units (e.g. Hounsfield units for CT). With
 `window=` each window becomes one channel, e.g. `window=["lung", "mediastinum", "bone"]` gives
 a 3-channel CT image. Colour images (RGB, YBR, palette) come back as RGB [3, H, W].
+`dicom_units` names the unit per channel: the rescale type when it is one of the standard's
+defined terms (HU for CT, whose rescale gives Hounsfield units by definition), a window's
+"0..1 (window C/W of HU)", else "not declared".
 
 Compressed transfer syntaxes need decoder plugins: pylibjpeg with pylibjpeg-libjpeg (JPEG,
 JPEG-LS) and pylibjpeg-openjpeg (JPEG 2000); RLE is built into pydicom.
@@ -27,7 +30,7 @@ from typing import Iterator, Sequence, Union
 
 import numpy as np
 
-from ._common import OptionError, ReadError, channels_first, finish
+from ._common import NOT_DECLARED, OptionError, ReadError, channels_first, finish
 
 # (center, width) in modality units (Hounsfield units for CT).
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -44,6 +47,8 @@ SAFE_FIELDS = ("Modality", "PhotometricInterpretation", "Rows", "Columns", "Samp
                "BitsAllocated", "BitsStored", "PixelRepresentation", "PixelSpacing",
                "SliceThickness", "RescaleSlope", "RescaleIntercept", "ViewPosition")
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# RescaleType defined terms (PS3.3 C.11.1.1.2): the only header text a unit may quote
+RESCALE_TYPES = {"OD", "HU", "MGML", "Z_EFF", "ED", "EDW", "HU_MOD", "PCT"}  # (US: unspecified)
 _QUIET_LOGGERS = ("pydicom", "pylibjpeg", "openjpeg", "libjpeg")
 _DECODERS_HINT = ("install decoder plugins: pip install pylibjpeg pylibjpeg-libjpeg "
                   "pylibjpeg-openjpeg (or python-gdcm)")
@@ -74,6 +79,30 @@ def read_dicom_frames(path: Path, window: Window | Sequence[Window] | None = Non
         pixels = _decode(path, ds, None)  # [F, H, W(, 3)] when n > 1
         frames = [pixels] if n == 1 else list(pixels)
         return [_to_image(path, ds, f, i, window) for i, f in enumerate(frames)]
+
+
+def dicom_units(path: Path, index: int | None = None, window: Window | Sequence[Window] | None = None,
+                force: bool = False) -> list[str]:
+    """The unit of each channel read_dicom returns (header only), see the module doc."""
+    path, window = Path(path), parse_window(window)
+    with _quiet():
+        ds = _open(path, force, pixels=False)
+        if int(ds.get("SamplesPerPixel", 1)) > 1 or str(ds.get("PhotometricInterpretation")) == "PALETTE COLOR":
+            return [NOT_DECLARED] * 3
+        unit = _modality_unit(ds, 0 if index is None else index)
+        if window is None:
+            return [unit]
+        return [f"0..1 (the file's window of {unit})" if w == "header" else f"0..1 (window {w[0]:g}/{w[1]:g} of {unit})"
+                for w in window]
+
+
+def _modality_unit(ds, frame: int) -> str:
+    """HU, another RescaleType defined term, or NOT_DECLARED (never other header text)."""
+    item = ds if "RescaleType" in ds else _functional_item(ds, frame, "PixelValueTransformationSequence")
+    declared = str(item.get("RescaleType", "")) if item is not None else ""
+    if declared in RESCALE_TYPES:
+        return declared
+    return "HU" if str(ds.get("Modality", "")) == "CT" else NOT_DECLARED
 
 
 def dicom_metadata(path: str | Path, force: bool = False) -> dict:

@@ -2,7 +2,8 @@
 
 - The volume is reoriented to the closest canonical (RAS+) orientation first (`canonical=True`),
   so `axis=2` means axial slices, 1 coronal, 0 sagittal, whatever the scanner stored.
-- Scaling (scl_slope / scl_inter) is applied; values stay in the file's units.
+- Scaling (scl_slope / scl_inter) is applied, so int16 with a slope and float32 of the same
+  values read equal; NIfTI declares no intensity unit (read_units: "not declared").
 - Dimensions past the third (e.g. time in fMRI, [X, Y, Z, T]) give further slices: the
   list runs through all slices of volume 0, then of volume 1, ...
 - A slice whose fraction of non-zero finite pixels is below `min_nonzero_fraction` is skipped

@@ -15,7 +15,9 @@ Transparency, from an alpha channel or a tRNS chunk (a palette's per-entry alpha
 grey value / RGB colour that is transparent): `alpha="drop"` (default) ignores it, `"keep"`
 appends it as the last channel (0 transparent .. 255, or 65535 for 16-bit, opaque), `"nodata"`
 turns fully transparent pixels into NaN (nodata) and removes it.
-EXIF orientation is not applied: pixels come back as stored.
+EXIF orientation (a camera's or phone's "this side up", tag 274) is applied by default, exactly
+as `PIL.ImageOps.exif_transpose` does (90-degree turns and mirrorings; 5-8 swap H and W);
+`orientation="stored"` keeps the pixels as stored.
 Decompression bombs: more than `PIL.Image.MAX_IMAGE_PIXELS` pixels is a ReadError (raise that
 global to read larger files on purpose).
 """
@@ -30,13 +32,28 @@ from PIL import Image, UnidentifiedImageError
 from ._common import OptionError, ReadError, channels_first, finish
 
 ALPHA_MODES = ("drop", "keep", "nodata")
+ORIENTATIONS = ("exif", "stored")
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> PIL.ImageOps.exif_transpose's operation, on [H, W] or [H, W, C] arrays
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],                       # FLIP_LEFT_RIGHT
+    3: lambda a: a[::-1, ::-1],                    # ROTATE_180
+    4: lambda a: a[::-1],                          # FLIP_TOP_BOTTOM
+    5: lambda a: np.swapaxes(a, 0, 1),             # TRANSPOSE
+    6: lambda a: np.rot90(a, -1),                  # ROTATE_270 (a quarter turn clockwise)
+    7: lambda a: np.swapaxes(a[::-1, ::-1], 0, 1),  # TRANSVERSE
+    8: lambda a: np.rot90(a, 1),                   # ROTATE_90 (a quarter turn anticlockwise)
+}
 _CONVERT = {"CMYK": "RGB", "YCbCr": "RGB", "1": "L"}
 
 
-def read_png(path: Path, alpha: str = "drop") -> np.ndarray:
-    """PNG/JPEG file -> float32 [C, H, W] (C = 1 grey, 3 colour, +1 with alpha="keep")."""
+def read_png(path: Path, alpha: str = "drop", orientation: str = "exif") -> np.ndarray:
+    """PNG/JPEG file -> float32 [C, H, W] (C = 1 grey, 3 colour, +1 with alpha="keep"), upright
+    by its EXIF orientation unless orientation="stored"."""
     if alpha not in ALPHA_MODES:
         raise OptionError(f"alpha={alpha!r}, expected one of {ALPHA_MODES}")
+    if orientation not in ORIENTATIONS:
+        raise OptionError(f"orientation={orientation!r}, expected one of {ORIENTATIONS}")
     path = Path(path)
     with warnings.catch_warnings():
         # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; treat that as the bomb it may be.
@@ -44,6 +61,8 @@ def read_png(path: Path, alpha: str = "drop") -> np.ndarray:
         try:
             with Image.open(path) as im:
                 pixels, opacity = _decode(path, im)
+                if orientation == "exif":
+                    pixels, opacity = _upright(im, pixels, opacity)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise ReadError(f"{path}: refused as a possible decompression bomb "
                             f"(limit PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {err}") from None
@@ -67,6 +86,14 @@ def _decode(path: Path, im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]
     if im.mode in ("LA", "La", "RGBA", "RGBa"):
         return arr[..., :-1].squeeze(-1) if im.mode.startswith("L") else arr[..., :-1], arr[..., -1]
     return arr, _colour_key(arr, im.info.get("transparency"))
+
+
+def _upright(im: Image.Image, pixels: np.ndarray, opacity: np.ndarray | None):
+    """Apply the EXIF orientation tag (absent or out of 1..8: as stored, as PIL does)."""
+    turn = _UPRIGHT.get(im.getexif().get(EXIF_ORIENTATION))
+    if turn is None:
+        return pixels, opacity
+    return np.ascontiguousarray(turn(pixels)), None if opacity is None else np.ascontiguousarray(turn(opacity))
 
 
 def _decode_palette(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:

@@ -2,17 +2,23 @@
 
 `read_raster` is the rich entry point (band selection by 1-based index or band description,
 an optional window, and the georeference); `read_tiff` is the plain READERS function.
+
+Values are physical: each band's scale and offset (GDAL's per-band metadata, as GeoTIFFs of
+scaled integers carry them, e.g. Landsat Collection 2 reflectance = DN * 2.75e-5 - 0.2) are
+applied, value = stored * scale + offset, in float64 before the cast to float32. The band's
+declared unit (GDAL unit type) is in `Raster.units` and `raster_units`.
 """
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ._common import ReadError, finish
+from ._common import NOT_DECLARED, ReadError, finish
 
 # Per-file limit on C * H * W read at once (4 GiB as float32): a guard against huge or
 # corrupt headers, not a data-set limit. Pass `max_pixels=` to read a larger scene.
@@ -30,6 +36,7 @@ class Raster:
     band_names: tuple[str, ...]       # band descriptions, "band_<i>" where a band has none
     source_dtype: str                 # stored dtype of the first band read (e.g. "uint16")
     nodata: float | None              # stored nodata value (already turned into NaN in `data`)
+    units: tuple[str, ...] = ()       # per band read: its declared unit, or NOT_DECLARED
 
     def profile(self, dtype: str = "float32", nodata: float | None = float("nan")) -> dict:
         """Keyword arguments for `rasterio.open(path, "w", **profile)` writing `data` back."""
@@ -40,8 +47,17 @@ class Raster:
 
 def read_tiff(path: Path, bands: Sequence[int | str] | None = None,
               max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """TIFF/GeoTIFF -> float32 [C, H, W], NaN at nodata."""
+    """TIFF/GeoTIFF -> float32 [C, H, W] in physical values (scales/offsets applied), NaN at nodata."""
     return read_raster(path, bands=bands, max_pixels=max_pixels).data
+
+
+def raster_units(path: Path, index: int | None = None, bands: Sequence[int | str] | None = None,
+                 max_pixels: int = MAX_PIXELS) -> list[str]:
+    """The unit of each band `read_tiff` returns (header only): declared, or NOT_DECLARED."""
+    import rasterio
+
+    with _quiet_georeference(), rasterio.open(path) as src:
+        return [src.units[i - 1] or NOT_DECLARED for i in resolve_bands(Path(path), src.descriptions, bands)]
 
 
 def read_raster(path: str | Path, bands: Sequence[int | str] | None = None,
@@ -54,27 +70,40 @@ def read_raster(path: str | Path, bands: Sequence[int | str] | None = None,
     window: (row_off, col_off, height, width) in pixels; None reads the whole raster.
     """
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+    from rasterio.errors import RasterioIOError
 
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                indexes = resolve_bands(path, src.descriptions, bands)
-                win = None if window is None else _window(path, src, window)
-                h, w = (src.height, src.width) if win is None else (window[2], window[3])
-                if len(indexes) * h * w > max_pixels:
-                    raise ReadError(f"{path}: {len(indexes)} x {h} x {w} pixels exceeds "
-                                    f"max_pixels={max_pixels} (possible bomb; pass max_pixels=)")
-                masked = src.read(indexes, window=win, masked=True)  # MaskedArray [C, H, W]
-                meta = _georeference(src, win)
-                names = tuple(src.descriptions[i - 1] or f"band_{i}" for i in indexes)
-                dtype, nodata = src.dtypes[indexes[0] - 1], src.nodata
+        with _quiet_georeference(), rasterio.open(path) as src:
+            indexes = resolve_bands(path, src.descriptions, bands)
+            win = None if window is None else _window(path, src, window)
+            h, w = (src.height, src.width) if win is None else (window[2], window[3])
+            if len(indexes) * h * w > max_pixels:
+                raise ReadError(f"{path}: {len(indexes)} x {h} x {w} pixels exceeds "
+                                f"max_pixels={max_pixels} (possible bomb; pass max_pixels=)")
+            masked = src.read(indexes, window=win, masked=True)  # MaskedArray [C, H, W]
+            meta = _georeference(src, win)
+            names = tuple(src.descriptions[i - 1] or f"band_{i}" for i in indexes)
+            dtype, nodata = src.dtypes[indexes[0] - 1], src.nodata
+            scales, offsets = (np.array([v[i - 1] for i in indexes], np.float64)[:, None, None]
+                               for v in (src.scales, src.offsets))
+            units = tuple(src.units[i - 1] or NOT_DECLARED for i in indexes)
     except RasterioIOError as err:
         raise ReadError(f"{path}: not a readable raster or corrupt/truncated: {err}") from None
+    if (scales != 1).any() or (offsets != 0).any():  # stored integers of a physical quantity
+        masked = masked.astype(np.float64) * scales + offsets
     data = np.ma.filled(masked.astype(np.float32), np.nan)
-    return Raster(finish(path, data), *meta, tuple(indexes), names, dtype, nodata)
+    return Raster(finish(path, data), *meta, tuple(indexes), names, dtype, nodata, units)
+
+
+@contextmanager
+def _quiet_georeference() -> Iterator[None]:
+    """rasterio's NotGeoreferencedWarning (a plain TIFF) silenced."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
 
 
 def resolve_bands(path: Path, descriptions: Sequence[str | None],

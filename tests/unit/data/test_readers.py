@@ -54,7 +54,7 @@ def test_registry_covers_every_format_and_readers_take_a_bare_path(tmp_path):
 def test_unknown_option_is_a_type_error_naming_the_known_ones(tmp_path):
     path = tmp_path / "a.png"
     Image.fromarray(np.zeros((4, 5), np.uint8)).save(path)
-    with pytest.raises(OptionError, match=r"reader_options\.png\.window: unknown option \(png takes alpha\)"):
+    with pytest.raises(OptionError, match=r"reader_options\.png\.window: unknown option \(png takes alpha, orientation\)"):
         read_image(path, png={"window": "lung"})
     with pytest.raises(OptionError, match=r"reader_options\.gif: no such reader"):
         read_image(path, gif={})
