@@ -38,9 +38,15 @@ def _stage(cfg: Config, stage: str, fn):
     restarted: it resumes from the stage's newest checkpoint)."""
     from pipeline.distributed import make_accelerator
     from pipeline.stages.common import block_names
-    from pipeline.stages.run import StageRuns, log_config
+    from pipeline.stages.run import run_lock
 
     acc = make_accelerator(cfg.run, block_names(cfg))
+    with run_lock(cfg, acc):
+        return _stage_locked(cfg, stage, fn, acc)
+
+
+def _stage_locked(cfg: Config, stage: str, fn, acc):
+    from pipeline.stages.run import StageRuns, log_config
 
     def body(tracker):
         log_config(cfg, tracker)
@@ -190,15 +196,28 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.engine.checkpoint import CheckpointError
     from pipeline.engine.loop import NonFiniteLossError
     from pipeline.engine.preempt import Preempted
-    from pipeline.weights import UnsafeCheckpointError
+    from pipeline.fsutil import FolderLockedError, os_error_line
+    from pipeline.stages.register import RegisterRefused
+    from pipeline.tracking.retry import LocalStoreError, store_error_line
+    from pipeline.weights import UnsafeCheckpointError, WeightsIntegrityError
 
     try:
         return COMMANDS[a.command].run(cfg, a)
     except Preempted as stop:  # SIGTERM: checkpointed; the same command resumes from it
         print(f"mimflow: {stop}; run the same command again to resume", file=sys.stderr, flush=True)
         return 0
-    except (NonFiniteLossError, CheckpointError, UnsafeCheckpointError, DataError) as err:
+    except (NonFiniteLossError, CheckpointError, UnsafeCheckpointError, DataError, FolderLockedError,
+            WeightsIntegrityError, LocalStoreError, RegisterRefused) as err:
         print(f"mimflow: {err}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as err:  # disk full, read-only or missing folders: the path, not a traceback
+        print(f"mimflow: {os_error_line(err)}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as err:
+        line = store_error_line(err, cfg.tracking.uri)
+        if line is None:
+            raise
+        print(f"mimflow: {line}", file=sys.stderr, flush=True)
         return 1
 
 

@@ -293,6 +293,8 @@ class EvaluateConfig(_Section):
 class RegisterConfig(_Section):
     model_name: str = "landsat-landcover-vit"
     alias: str = "candidate"
+    # a classifier that never saw a class in training is refused (it cannot predict it) unless this is set
+    allow_missing_classes: bool = False
 
 
 # pydantic warns that the `register` section shadows BaseModel.register; the key is part of
@@ -444,7 +446,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+        if loaded is None:  # an empty file would silently run every default (the full demo)
+            raise ConfigError(f"{path}: the recipe is empty; give at least one section, or no recipe for the demo")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         tree, source = loaded, str(path)

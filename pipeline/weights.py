@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.fsutil import atomic_write, atomic_write_text
+from pipeline.fsutil import atomic_write, atomic_write_text, sha256_file
 from pipeline.models.backbones import backbone_spec, classifier_names, create_backbone
 
 WEIGHTS = "model.safetensors"
@@ -24,6 +24,10 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 class UnsafeCheckpointError(RuntimeError):
     """A file would need pickle code execution to load; it is refused, never run."""
+
+
+class WeightsIntegrityError(ValueError):
+    """A weights folder's model.safetensors is not the file its meta.json was written with."""
 
 
 def git_sha() -> str | None:
@@ -36,11 +40,12 @@ def git_sha() -> str | None:
 
 
 def save_weights(state: dict[str, torch.Tensor], directory: str | Path, meta: dict) -> Path:
-    """-> directory holding model.safetensors and meta.json (meta gains git_sha)."""
+    """-> directory holding model.safetensors and meta.json (meta gains git_sha and the weights'
+    sha256, checked by every load)."""
     directory = Path(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    meta = {**meta, "git_sha": meta.get("git_sha") or git_sha()}
+    meta = {**meta, "git_sha": meta.get("git_sha") or git_sha(), "weights_sha256": sha256_file(directory / WEIGHTS)}
     atomic_write_text(directory / META, json.dumps(meta, indent=2))
     return directory
 
@@ -48,14 +53,30 @@ def save_weights(state: dict[str, torch.Tensor], directory: str | Path, meta: di
 def load_weights(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A mimflow weights folder (safetensors + meta.json), or a foreign .pt/.pth/.bin file
     (weights only, empty meta). Loading never executes pickled code.
-    Raises FileNotFoundError naming what is missing, UnsafeCheckpointError for a file that is not plain weights."""
+    Raises FileNotFoundError naming what is missing, WeightsIntegrityError when the weights are not
+    the bytes meta.json recorded, UnsafeCheckpointError for a file that is not plain weights."""
     directory = Path(directory)
     if directory.is_file() and directory.suffix in TORCH_SUFFIXES:
         return foreign_state(directory), {}
+    if directory.is_file() and directory.suffix == ".safetensors":  # e.g. timm's released weights
+        return load_file(directory), {}
+    meta = verify_weights(directory)
+    return load_file(directory / WEIGHTS), meta
+
+
+def verify_weights(directory: str | Path) -> dict:
+    """Check a weights folder against the sha256 its meta.json recorded -> meta.
+    Raises FileNotFoundError or WeightsIntegrityError naming the path."""
+    directory = Path(directory)
     for name in (WEIGHTS, META):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: no {name} (expected a mimflow weights folder)")
-    return load_file(directory / WEIGHTS), json.loads((directory / META).read_text())
+    meta = json.loads((directory / META).read_text())
+    expected = meta.get("weights_sha256")
+    if expected is not None and sha256_file(directory / WEIGHTS) != expected:
+        raise WeightsIntegrityError(f"{directory / WEIGHTS}: changed since it was written (sha256 mismatch "
+                                    "with meta.json); it cannot be trusted")
+    return meta
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -65,9 +86,10 @@ def read_meta(directory: str | Path) -> dict:
 
 
 def foreign_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a torch file, also inside {"model": ...} (MAE's releases) or {"state_dict": ...}."""
+    """A state dict from a torch file, also inside {"model": ...} (MAE's and DeiT's releases),
+    {"state_dict": ...} (Lightning, DDP scripts) or {"module": ...} (DeepSpeed)."""
     obj = load_torch_file(path)
-    for key in ("model", "state_dict"):
+    for key in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -11,8 +11,14 @@ Layout of one cache, `<cache_root>/<key>/`:
     shard_00001.npy     opened with mmap_mode="r"); an image never spans two shards
 `key` is a sha256 over: CACHE_VERSION, the reader (its name, options and a hash of its source
 code, so a reader fix invalidates old caches), and per record the absolute path, image index,
-channel count, plus size and mtime (`fingerprint="stat"`, no file is read) or a hash of the
-file's bytes (`"content"`).
+channel count, plus the file's content hash: the sha256 the manifest recorded for it when there
+is one (a file changed in place, size and timestamp kept, gets a new key once prepare has seen
+it), else size and mtime (`fingerprint="stat"`, no file is read) or a hash of its bytes
+(`"content"`).
+
+The cache does not trust its own bytes either: index.json carries a checksum of itself and of
+every shard's values, verified when the cache is opened; a cache that fails is rebuilt, as is one
+whose image list is not the one asked for.
 
 Writes are atomic: shards and index go to a sibling `.tmp-*` folder that is renamed to `<key>/`
 only once complete and fsynced, so a killed build never leaves a cache that opens. The next
@@ -56,7 +62,7 @@ from pipeline.data.manifest import Record, read_records
 from pipeline.data.readers import read_image
 from pipeline.fsutil import fsync_path
 
-CACHE_VERSION = 2  # 2: per-image shapes in flat shards
+CACHE_VERSION = 3  # 2: per-image shapes in flat shards; 3: checksums of the index and every shard
 INDEX = "index.json"
 MAX_SHARD_BYTES = 512 * 2**20  # shard size when none is given: a few thousand tiles, or a few X-rays
 _TMP_PREFIX = ".tmp-"
@@ -103,19 +109,24 @@ def _reader_id(read_fn: Callable, reader_options: dict) -> dict:
             "options": json.loads(json.dumps(options, sort_keys=True, default=str))}
 
 
+def _recorded_digests(records: Sequence[Record | str | Path]) -> dict[str, str]:
+    """absolute path -> the sha256 the manifest recorded for the file (records that carry one)."""
+    return {_abspath(r.path): r.sha256 for r in records if isinstance(r, Record) and r.sha256}
+
+
 def cache_key(records: Sequence[Record | str | Path], read_fn: Callable = read_image,
               reader_options: dict | None = None, fingerprint: str = "stat") -> str:
     """sha256 hex identifying (these images, as their files are now, in this order) x (this reader)."""
-    return _key([_item(r) for r in records], read_fn, reader_options, fingerprint)
+    return _key([_item(r) for r in records], read_fn, reader_options, fingerprint, _recorded_digests(records))
 
 
 def _key(items: list[Item], read_fn: Callable, reader_options: dict | None,
-         fingerprint: str) -> str:
+         fingerprint: str, recorded: dict[str, str] | None = None) -> str:
     if fingerprint not in ("stat", "content"):
         raise ValueError(f"fingerprint={fingerprint!r}, expected 'stat' or 'content'")
     h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "fingerprint": fingerprint,
                                    **_reader_id(read_fn, reader_options or {})}, sort_keys=True).encode())
-    digests: dict[str, str] = {}  # a multi-frame file is hashed once
+    digests: dict[str, str] = {f: f"sha256:{d}" for f, d in (recorded or {}).items()}  # a file once
     for p, index, channels in items:
         try:
             if p not in digests and fingerprint == "stat":
@@ -170,11 +181,14 @@ class TileCache:
             raise CacheError("no images to cache")
         reader_options = dict(reader_options or {})
         cache_root = Path(cache_root)
-        key = _key(items, read_fn, reader_options, fingerprint)
+        key = _key(items, read_fn, reader_options, fingerprint, _recorded_digests(records))
         final = cache_root / key
         if (final / INDEX).is_file():
             try:
-                return cls.open(final)
+                cache = cls.open(final)
+                if list(zip(cache.paths, cache.indexes, cache.channels)) != [tuple(i) for i in items]:
+                    raise CacheError(f"{final}: its index lists other images (or another order) than asked for")
+                return cache
             except CacheError as err:  # damaged on disk: rebuild rather than fail every run
                 warnings.warn(f"rebuilding the tile cache: {err}", stacklevel=2)
                 shutil.rmtree(final, ignore_errors=True)
@@ -189,6 +203,7 @@ class TileCache:
             images = _decoded(items, read_fn, reader_options)
             index = _write_shards(tmp, items, images, shard_size, max_shard_bytes, quiet)
             index.update(key=key, fingerprint=fingerprint, **_reader_id(read_fn, reader_options))
+            index["checksum"] = _index_checksum(index)
             _write_synced(tmp / INDEX, json.dumps(index, indent=1).encode())
             fsync_path(tmp)
             _publish(tmp, final)
@@ -208,9 +223,11 @@ class TileCache:
             raise CacheError(f"{path}/{INDEX}: corrupt: {err}") from None
         if index.get("version") != CACHE_VERSION:
             raise CacheError(f"{path}: cache version {index.get('version')} != {CACHE_VERSION}; rebuild it")
+        if index.get("checksum") != _index_checksum(index):
+            raise CacheError(f"{path}/{INDEX}: changed since it was written (checksum mismatch)")
         cache = cls(path, index)
         expected = 0
-        for s, shard in enumerate(index["shards"]):  # a header check per shard: no pixel is read
+        for s, shard in enumerate(index["shards"]):  # every shard's values against their checksum
             try:
                 arr = cache._shard(s)
             except (OSError, ValueError) as err:  # missing, or shorter than its header says
@@ -218,6 +235,8 @@ class TileCache:
             if arr.shape != (shard["values"],) or arr.dtype != np.float32:
                 raise CacheError(f"{path / shard['file']}: holds {arr.dtype} {arr.shape}, index says "
                                  f"float32 ({shard['values']},)")
+            if hashlib.sha256(arr.data).hexdigest() != shard["sha256"]:
+                raise CacheError(f"{path / shard['file']}: its values changed since it was written (sha256 mismatch)")
             expected += shard["count"]
         lists = (cache.paths, cache.indexes, cache.channels, cache.shapes, cache.offsets)
         if expected != index["count"] or any(len(x) != expected for x in lists):
@@ -326,9 +345,11 @@ def _write_shards(tmp: Path, items: list[Item], images: Iterator[np.ndarray], sh
             mm[at:at + a.size] = a.ravel()
             at += a.size
         mm.flush()
+        digest = hashlib.sha256(mm.data).hexdigest()  # of the values as written (not the .npy header)
         del mm
         fsync_path(tmp / name)
-        shards.append({"file": name, "start": len(shapes) - len(batch), "count": len(batch), "values": values})
+        shards.append({"file": name, "start": len(shapes) - len(batch), "count": len(batch), "values": values,
+                       "sha256": digest})
         batch.clear()
 
     with tqdm(total=len(items), desc="tile cache", disable=quiet, leave=False) as bar:
@@ -350,6 +371,11 @@ def _write_shards(tmp: Path, items: list[Item], images: Iterator[np.ndarray], sh
     return {"version": CACHE_VERSION, "count": len(items), "dtype": "float32", "shards": shards,
             "paths": [p for p, _, _ in items], "indexes": [i for _, i, _ in items],
             "channels": [c for _, _, c in items], "shapes": shapes, "offsets": offsets}
+
+
+def _index_checksum(index: dict) -> str:
+    body = {k: v for k, v in index.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _check_space(tmp: Path, need: int, n: int) -> None:

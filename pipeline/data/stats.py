@@ -9,6 +9,7 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.data import DataError
 from pipeline.data.manifest import Record, read_records
 from pipeline.data.readers import read_units
 
@@ -104,7 +105,8 @@ def save_stats(stats: dict, path: str | Path) -> None:
 def load_stats(path: str | Path) -> dict:
     stats = json.loads(Path(path).read_text())
     if stats.get("version") != STATS_VERSION:
-        raise ValueError(f"{path}: stats version {stats.get('version')} != {STATS_VERSION}")
+        raise DataError(f"{path}: stats version {stats.get('version')}, this mimflow writes {STATS_VERSION}: "
+                        "the data was prepared by an older version; run `mimflow prepare` (or `mimflow run`) again")
     return stats
 
 

@@ -1,6 +1,11 @@
-"""Training checkpoint folders as safetensors + JSON, written atomically (weights folders: pipeline/weights.py).
+"""Training checkpoint folders as safetensors + JSON, written atomically and checksummed
+(weights folders: pipeline/weights.py).
 
-Nothing here unpickles: checkpoints are safetensors (no code) plus JSON.
+A folder holds tensors.safetensors, state.json and checksums.json (the sha256 of both), written
+completely before index.json lists it. Reading verifies the checksums: a folder whose bytes changed
+after it was written (a flipped bit, a truncated copy) is skipped with a warning and the previous
+one is used, as a folder that does not parse is. A lost index.json is rebuilt from the folders'
+own state.json. Nothing here unpickles: checkpoints are safetensors (no code) plus JSON.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.fsutil import atomic_write, fsync_path
+from pipeline.fsutil import atomic_write, atomic_write_text, fsync_path, sha256_file
 
 # A folder per checkpoint (tensors.safetensors + state.json) and one
 # atomically replaced index.json listing them, newest last. "Latest" is read from the index,
@@ -23,6 +28,7 @@ from pipeline.fsutil import atomic_write, fsync_path
 INDEX = "index.json"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
+CHECKSUMS = "checksums.json"
 FORMAT = 2  # 2: a tree of named components (Checkpointer states)
 
 
@@ -75,9 +81,11 @@ class CheckpointDir:
 
     # -- the index ---------------------------------------------------------------------------
     def index(self) -> dict:
+        """The index; when index.json is gone but checkpoint folders are there, rebuilt from
+        their own state.json (in memory: the next save writes it)."""
         path = self.root / INDEX
         if not path.is_file():
-            return {"format": FORMAT, "checkpoints": [], "completed": False}
+            return self._rebuilt_index()
         try:
             index = json.loads(path.read_text())
         except (OSError, ValueError) as err:
@@ -85,6 +93,19 @@ class CheckpointDir:
         if index.get("format") != FORMAT:
             raise CheckpointError(f"{path}: checkpoint index format {index.get('format')!r}, expected {FORMAT}")
         return index
+
+    def _rebuilt_index(self) -> dict:
+        entries = []
+        for folder in sorted(self.root.glob("step_*")) if self.root.is_dir() else []:
+            try:
+                state = json.loads((folder / STATE).read_text())
+                entries.append({"dir": folder.name, "step": state["step"], "epoch": state.get("epoch")})
+            except (OSError, ValueError, KeyError):
+                continue  # not a checkpoint folder (or a damaged one): never listed, never deleted here
+        if entries:
+            warnings.warn(f"{self.root / INDEX} is missing: rebuilt from the {len(entries)} checkpoint "
+                          "folder(s) found there", stacklevel=3)
+        return {"format": FORMAT, "checkpoints": sorted(entries, key=lambda e: e["step"]), "completed": False}
 
     def _write_index(self, index: dict) -> None:
         atomic_write(self.root / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
@@ -94,6 +115,12 @@ class CheckpointDir:
         """Forget every checkpoint: a fresh start."""
         if self.root.exists():
             shutil.rmtree(self.root)
+
+    def reopen(self) -> None:
+        """A completed stage's output must be made again: its newest checkpoint becomes resumable
+        (training resumes at its end, so nothing is trained twice)."""
+        if (self.root / INDEX).is_file():
+            self.mark_completed(False)
 
     def mark_completed(self, completed: bool = True) -> None:
         """A completed stage's checkpoints are kept for inspection but never auto-resumed."""
@@ -105,22 +132,25 @@ class CheckpointDir:
     def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> Path:
         """Write a checkpoint folder completely, then list it in the index, then prune."""
         self.root.mkdir(parents=True, exist_ok=True)
+        index = self.index()  # before the new folder exists (a lost index is rebuilt from the others)
         final = self.root / f"step_{step:09d}-{os.urandom(4).hex()}"  # unique: never overwritten
         tmp = self.root / f".tmp-{final.name}"
         tmp.mkdir()
         try:
             atomic_write(tmp / TENSORS, lambda p: save_file(tensors, p))
-            atomic_write(tmp / STATE, lambda p: Path(p).write_text(json.dumps({"format": FORMAT, **state})))
+            atomic_write_text(tmp / STATE, json.dumps({"format": FORMAT, "step": step, **state}))
+            sums = {name: sha256_file(tmp / name) for name in (TENSORS, STATE)}  # what is on disk now
+            atomic_write_text(tmp / CHECKSUMS, json.dumps(sums))
             fsync_path(tmp)
             os.rename(tmp, final)
             fsync_path(self.root)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        index = self.index()
         index["completed"] = False
         index["checkpoints"] = [*index["checkpoints"], {"dir": final.name, "step": step,
-                                                        "epoch": state.get("loop", {}).get("epoch")}]
+                                                        "epoch": state.get("loop", {}).get("epoch"),
+                                                        "sha256": sums}]
         dropped = index["checkpoints"][:-self.keep_last]
         index["checkpoints"] = index["checkpoints"][-self.keep_last:]
         self._write_index(index)  # the commit point: before this, the new folder is invisible
@@ -146,13 +176,20 @@ class CheckpointDir:
 
 
 def _check_readable(path: Path) -> None:
-    for name in (TENSORS, STATE):
+    """Complete, unchanged since it was written (checksums), and parseable; else CheckpointError."""
+    for name in (TENSORS, STATE, CHECKSUMS):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: incomplete checkpoint, no {name}")
     try:
+        sums = json.loads((path / CHECKSUMS).read_text())
+        changed = [name for name in (TENSORS, STATE) if sha256_file(path / name) != sums.get(name)]
+        if changed:
+            raise CheckpointError(f"{path}: {', '.join(changed)} changed since it was written (sha256 mismatch)")
         json.loads((path / STATE).read_text())
         with safe_open(path / TENSORS, framework="pt") as f:
             f.keys()
+    except CheckpointError:
+        raise
     except Exception as err:  # a truncated or foreign file; safetensors never runs code
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
 

@@ -117,9 +117,9 @@ def fit(cfg: Config, task: Task, accelerator: Accelerator, tracker: Tracker) -> 
     progress = show_progress(acc, cfg.run)
     step = TrainStep(model, optimizer, scheduler, acc, task.loss, tracker, task.prefix, task.log_every_steps,
                      progress, opt.clip_grad_norm, cfg.run.max_consecutive_nonfinite, ckpt.after_step)
-    loss = math.nan
     for epoch in range(state.epoch, task.epochs + 1):
         loss = train_one_epoch(step, data.batches(state), state, desc=f"{task.name} {epoch}/{task.epochs}")
+        state.last_epoch_loss = loss
         metrics = {f"{task.prefix}/epoch_loss": loss}
         if task.on_epoch_end is not None:
             metrics.update(task.on_epoch_end(EpochEnd(epoch, model, loss, acc)))
@@ -132,4 +132,4 @@ def fit(cfg: Config, task: Task, accelerator: Accelerator, tracker: Tracker) -> 
         state.start_epoch(epoch + 1)
         ckpt.save()
     ckpt.complete()
-    return Fitted(model, state, loss, best if best.epoch is not None else None)
+    return Fitted(model, state, state.last_epoch_loss, best if best.epoch is not None else None)

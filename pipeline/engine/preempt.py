@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+from pipeline import faults
+
 
 class Preempted(Exception):
     """Training stopped on SIGTERM after writing a checkpoint; resume continues from it."""
@@ -80,26 +82,6 @@ def reset() -> None:
     _state["cancel"].set()
 
 
-# Test-only fault injection, read from the environment so that a subprocess under test can be
-# made to die at a known step: MIMFLOW_TEST_FAULT="pretrain:kill:7" SIGKILLs the process right
-# after optimizer step 7 of the pretrain stage; "pretrain:term:6" sends SIGTERM instead;
-# "pretrain:sleep:0.05" sleeps that long after every step (to make a tiny run last).
-FAULT_ENV = "MIMFLOW_TEST_FAULT"
-
-
 def inject_test_fault(stage: str, step: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    for item in spec.split(","):
-        where, action, arg = item.split(":")
-        if where != stage:
-            continue
-        if action == "sleep":
-            time.sleep(float(arg))
-        elif action in ("kill", "term") and step == int(arg):
-            if os.environ.get("MIMFLOW_TEST_FAULT_RANK", "0") != os.environ.get("RANK", "0"):
-                continue
-            os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
-            if action == "kill":
-                time.sleep(60)  # SIGKILL is asynchronous: never run past the fault
+    """Test-only fault injection after optimizer steps (pipeline/faults.py)."""
+    faults.inject(stage, step)

@@ -52,6 +52,7 @@ class LoopState:
     loss_batches: int = 0
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss, in total
     nonfinite_streak: int = 0  # ... in a row, up to the last step
+    last_epoch_loss: float = float("nan")  # mean loss of the last finished epoch
 
     # per-rank vs shared fields: the loss totals differ between ranks (saved by RankState)
     PER_RANK = ("loss_sum", "loss_batches")

@@ -45,7 +45,8 @@ def _init_encoder(model: torch.nn.Module, backbone: str, encoder_dir: Path | Non
     if meta.get("channels", stats["channels"]) != stats["channels"]:
         raise ValueError(f"encoder {encoder_dir} was pretrained on channels {meta['channels']}, "
                          f"the data has {stats['channels']}")
-    load_encoder(model, state, backbone_spec(backbone))
+    for note in load_encoder(model, state, backbone_spec(backbone)).notes:
+        print(f"finetune: init {encoder_dir}: {note}", flush=True)
     return meta.get("stats", stats)  # normalise exactly as in pretraining (foreign weights: the data's)
 
 
@@ -124,7 +125,9 @@ def finetune(cfg: Config, prepared: Path, encoder_dir: Path | None, accelerator:
 
     out = stage_dir(cfg, name) / "classifier"
     if accelerator.is_main_process:
+        seen = [lab for r in train_recs for lab in (r.label if isinstance(r.label, tuple) else (r.label,))]
         meta.update(stats=stats, init=f.init if encoder_dir else "scratch",
+                    train_class_counts={c: seen.count(k) for k, c in enumerate(info["classes"])},
                     encoder=str(encoder_dir) if encoder_dir else None, dataset_hash=info.get("dataset_hash"),
                     config=cfg.to_dict(), finetune_run_id=tracker.run_id, best_epoch=best.epoch,
                     val_balanced_accuracy=best.score, teacher=str(teacher_dir) if teacher_dir else None,

@@ -312,3 +312,15 @@ def prepare(cfg: Config, accelerator: Accelerator, tracker: Tracker) -> Path:
                 tracker.log_artifact(out / name, "prepared")
     accelerator.wait_for_everyone()
     return out
+
+
+def verify_prepared(out: Path) -> None:
+    """A prepared folder is what prepare wrote: its manifest (and the files it pins) hash to the
+    dataset_hash recorded in dataset.json. Raises ValueError naming the folder otherwise."""
+    try:
+        recorded = json.loads((out / "dataset.json").read_text())["dataset_hash"]
+        actual = dataset_hash(out / "manifest.csv")
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{out}: prepared data unreadable ({err})") from None
+    if actual != recorded:
+        raise ValueError(f"{out}: manifest.csv or the files it lists changed since prepare (dataset hash)")

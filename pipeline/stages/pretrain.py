@@ -18,6 +18,7 @@ from pipeline.engine.fit import EpochEnd, Task, fit
 from pipeline.engine.state import SeededAugmentation, full_state_dict
 from pipeline.models.backbones import FAMILIES, backbone_spec, create_encoder
 from pipeline.models.objectives import OBJECTIVES, ObjectiveSpec
+from pipeline.models.transfer import load_encoder
 from pipeline.plots import reconstruction_grid
 from pipeline.stages.common import cached_read_fn, geometry_meta, make_dataset
 from pipeline.tracking.artifacts import fetch
@@ -32,8 +33,9 @@ def build_mim_model(cfg: Config, in_chans: int, init_state: dict | None = None) 
     family = FAMILIES[backbone_spec(m.backbone).encoder_family]
     objective.check_backbone(family, m.backbone)
     encoder = create_encoder(m.backbone, m.img_size, m.patch_size, in_chans, m.window_size)
-    if init_state is not None:
-        encoder.load_state_dict(family.adapt_encoder(init_state, encoder))  # strict: an encoder of this family
+    if init_state is not None:  # nothing may be left fresh in an encoder (it has no head)
+        for note in load_encoder(encoder, init_state, family).notes:
+            print(f"pretrain: init: {note}", flush=True)
     return objective.build(encoder, family, cfg.pretrain.objective, fresh=init_state is None), objective
 
 

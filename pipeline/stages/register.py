@@ -11,7 +11,11 @@ from pipeline.config import Config
 from pipeline.data.manifest import load_manifest, read_record, select
 from pipeline.tracking.base import Tracker
 from pipeline.tracking.registry import register_classifier
-from pipeline.weights import read_meta
+from pipeline.weights import verify_weights
+
+
+class RegisterRefused(ValueError):
+    """The classifier is not fit to be registered (e.g. it never saw a class); the message says why."""
 
 
 def _signature(meta: dict) -> ModelSignature:
@@ -22,7 +26,11 @@ def _signature(meta: dict) -> ModelSignature:
 
 def register(cfg: Config, prepared: Path, classifier_dir: Path, tracker: Tracker) -> str:
     """Rank 0 only. -> `models:/<name>@<alias>`; the version is tagged with its lineage."""
-    meta = read_meta(classifier_dir)
+    meta = verify_weights(classifier_dir)  # the weights registered are the ones fine-tuning wrote
+    unseen = [c for c, n in meta.get("train_class_counts", {}).items() if n == 0]
+    if unseen and not cfg.register.allow_missing_classes:
+        raise RegisterRefused(f"{classifier_dir} never saw class(es) {unseen} in training and cannot predict "
+                              "them; not registered (register.allow_missing_classes=true registers it anyway)")
     test = select(load_manifest(prepared / "manifest.csv"), "test")
     example = read_record(test[0], **cfg.data.reader_options)[None]  # [1, C, H, W], raw units
     name = cfg.register.model_name
@@ -33,6 +41,7 @@ def register(cfg: Config, prepared: Path, classifier_dir: Path, tracker: Tracker
                "backbone": meta["backbone"], "head": meta.get("head", "linear"),
                "classes": ",".join(meta["classes"]), "channels": ",".join(meta["channels"])}
     version = register_classifier(classifier_dir, name, cfg.register.alias, _signature(meta), example, lineage,
-                                  metadata={"classes": meta["classes"], "channels": meta["channels"]})
+                                  metadata={"classes": meta["classes"], "channels": meta["channels"]},
+                                  weights_sha256=meta["weights_sha256"])
     tracker.set_tags({"registered_model": f"{name}/{version}"})
     return f"models:/{name}@{cfg.register.alias}"

@@ -18,16 +18,18 @@ from typing import Callable, Iterator
 from pipeline.config import Config, save_config, stage_dir
 from pipeline.data.manifest import load_manifest, select
 from pipeline.distributed import make_accelerator
-from pipeline.fsutil import atomic_write_text
+from pipeline.engine.checkpoint import CheckpointDir
+from pipeline.fsutil import atomic_write_text, folder_lock
 from pipeline.models.backbones import backbone_spec
 from pipeline.stages.common import block_names
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.finetune import finetune, teacher_config
-from pipeline.stages.prepare import prepare
+from pipeline.stages.prepare import prepare, verify_prepared
 from pipeline.stages.pretrain import pretrain
 from pipeline.stages.register import register
 from pipeline.tracking.artifacts import fetch
 from pipeline.tracking.runs import tracked_run
+from pipeline.weights import verify_weights
 
 
 def log_config(cfg: Config, tracker) -> None:
@@ -81,17 +83,29 @@ class StageRuns:
             yield t
             self._write(self.parent_path, {"run_id": t.run_id, "status": "finished"})
 
-    def stage(self, name: str, tags: dict, fn: Callable, collective: bool = True):
-        """fn(tracker) -> a JSON-able result, run in the stage's (new or reopened) MLflow run."""
+    def stage(self, name: str, tags: dict, fn: Callable, collective: bool = True,
+              verify: Callable[[object], None] | None = None):
+        """fn(tracker) -> a JSON-able result, run in the stage's (new or reopened) MLflow run.
+        verify(result) raises when a finished stage's recorded result is no longer what it wrote
+        (e.g. a weights file changed on disk): the stage is then redone, from its last checkpoint."""
         path = stage_dir(self.cfg, name) / RECORD
         rec = _read(path) if self.resume else None
         ours = rec is not None and (rec.get("parent_run_id") == self.reopen_parent if self.pipeline
                                     else rec.get("parent_run_id") is None)
-        if ours and self.pipeline and self.reopen_parent and rec.get("status") == "finished":
-            if self.acc.is_main_process:
-                print(f"{name}: finished before the restart (MLflow run {rec['run_id']}); not redone", flush=True)
-            return rec["result"]
         run_id = rec["run_id"] if ours and rec.get("status") == "running" else None
+        if ours and self.pipeline and self.reopen_parent and rec.get("status") == "finished":
+            try:
+                if verify is not None:
+                    verify(rec["result"])
+                if self.acc.is_main_process:
+                    print(f"{name}: finished before the restart (MLflow run {rec['run_id']}); not redone", flush=True)
+                return rec["result"]
+            except (OSError, ValueError) as err:  # missing or changed: never skip over broken results
+                run_id = rec["run_id"]
+                if self.acc.is_main_process:
+                    print(f"{name}: its recorded result failed verification ({err}); redoing it from its "
+                          "last checkpoint", flush=True)
+                    CheckpointDir(stage_dir(self.cfg, name) / "checkpoints").reopen()
         if collective:
             self.acc.wait_for_everyone()  # all ranks have read the record before it changes
         with tracked_run(self.cfg.tracking, self.acc.is_main_process, name, tags, run_id=run_id) as t:
@@ -150,10 +164,22 @@ def train_and_evaluate(cfg: Config, runs: StageRuns, acc, prepared: Path, arm: A
         log_config(cfg, t)
         return str(finetune(cfg, prepared, encoder, acc, t, name=arm.finetune, teacher_dir=teacher))
 
-    classifier = Path(runs.stage(arm.finetune, {"mimflow.stage": "finetune", **tags}, _finetune))
+    classifier = Path(runs.stage(arm.finetune, {"mimflow.stage": "finetune", **tags}, _finetune,
+                                 verify=verify_weights))
     metrics = runs.stage(arm.evaluate, {"mimflow.stage": "evaluate", **tags},
                          lambda t: evaluate(cfg, prepared, classifier, acc, t, name=arm.evaluate))
     return classifier, metrics
+
+
+@contextmanager
+def run_lock(cfg: Config, acc) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock for the whole command: a second writer of the same run
+    is refused at once (see fsutil.folder_lock)."""
+    if not acc.is_main_process:
+        yield
+        return
+    with folder_lock(Path(cfg.run.output_dir) / cfg.run.name, f"run {cfg.run.name!r}"):
+        yield
 
 
 def run_pipeline(cfg: Config) -> dict:
@@ -164,16 +190,22 @@ def run_pipeline(cfg: Config) -> dict:
                          "(mimflow pretrain / finetune); mimflow run resumes with auto")
     acc = make_accelerator(cfg.run, block_names(cfg))
     summary: dict = {}
+    with run_lock(cfg, acc):
+        return _run_stages(cfg, acc, summary, start)
+
+
+def _run_stages(cfg: Config, acc, summary: dict, start: float) -> dict:
     runs = StageRuns(cfg, acc, pipeline=True)
     with runs.parent({"mimflow.stage": "run"}) as parent:
         log_config(cfg, parent)
-        prepared = Path(runs.stage("prepare", {"mimflow.stage": "prepare"}, lambda t: str(prepare(cfg, acc, t))))
+        prepared = Path(runs.stage("prepare", {"mimflow.stage": "prepare"}, lambda t: str(prepare(cfg, acc, t)),
+                                   verify=lambda result: verify_prepared(Path(result))))
         encoder = None
         if cfg.finetune.init == "pretrained":
             def _pretrain(t):
                 log_config(cfg, t)
                 return str(pretrain(cfg, prepared, acc, t))
-            encoder = Path(runs.stage("pretrain", {"mimflow.stage": "pretrain"}, _pretrain))
+            encoder = Path(runs.stage("pretrain", {"mimflow.stage": "pretrain"}, _pretrain, verify=verify_weights))
         if not select(load_manifest(prepared / "manifest.csv"), "train"):
             # An unlabelled-only data set: pretraining is the job; its encoder is the product.
             summary.update(encoder=str(encoder), parent_run_id=parent.run_id, seconds=time.time() - start)

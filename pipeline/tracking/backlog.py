@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -14,9 +15,18 @@ from pipeline.tracking.delivery import deliver
 from pipeline.tracking.retry import is_transient, log
 
 
-def spill(cfg: TrackingConfig, run_id: str, ops: list[dict], end_status: str | None) -> Path:
+def spill(cfg: TrackingConfig, run_id: str, ops: list[dict], end_status: str | None,
+          spool: Path | None = None) -> Path:
+    """Keep undelivered calls (and the snapshots of files they log, moved out of `spool`) in
+    backlog_dir -> the backlog file, written whole then renamed: never half a file."""
     path = Path(cfg.backlog_dir) / f"{run_id}-{time.time_ns()}.json"
-    # written whole, then renamed: never half a file
+    kept = Path(cfg.backlog_dir) / "spool" / run_id
+    for op in ops:
+        if op.get("spooled") and spool is not None and Path(op["path"]).is_relative_to(spool):
+            target = kept / Path(op["path"]).relative_to(spool)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(op["path"], target)
+            op["path"] = str(target)
     atomic_write_text(path, json.dumps({"uri": cfg.uri, "run_id": run_id, "end_status": end_status, "ops": ops}))
     return path
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import threading
 import time
 from collections import deque
@@ -22,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingConfig
 from pipeline.tracking.keys import RENAMED_TAG, KeyMap, fit_value
-from pipeline.tracking.retry import is_transient, log
+from pipeline.tracking.retry import LocalStoreError, is_transient, local_error, log
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
 
@@ -38,7 +39,10 @@ class MlflowTracker:
         self._ops: deque[dict] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._spool = Path(cfg.backlog_dir).resolve() / "spool" / run_id  # snapshots of logged files
+        # snapshots of logged files until delivered: beside the system's temporary files (the same
+        # folder for a resumed run of this id), never in backlog_dir unless they end up undelivered
+        self._spool = Path(tempfile.gettempdir()) / "mimflow-spool" / run_id
+        self.fatal: LocalStoreError | None = None  # a local store problem: every later call raises it
         self._thread = threading.Thread(target=self._deliver_forever, name=f"mlflow-{run_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -96,6 +100,8 @@ class MlflowTracker:
                 op = {**op, "items": [m for m in op["items"] if m[3] > self._stored.get(m[0], -1)]}
                 if not op["items"]:
                     continue
+            if op.get("spooled") and not Path(op["path"]).exists():  # delivered (and cleared) before the restart
+                continue
             self._put(op)
 
     def flush(self, timeout_s: float) -> bool:
@@ -103,7 +109,7 @@ class MlflowTracker:
         deadline = time.monotonic() + timeout_s
         with self._cond:
             self._cond.notify_all()  # cut a backoff sleep short
-            while self._ops and time.monotonic() < deadline:
+            while self._ops and self.fatal is None and time.monotonic() < deadline:
                 self._cond.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             return not self._ops
 
@@ -120,15 +126,26 @@ class MlflowTracker:
         else:
             from pipeline.tracking.backlog import spill
 
-            path = spill(self.cfg, self.run_id, left, end_status)
-            log(f"MLflow {self.cfg.uri} still unreachable: {len(left)} undelivered call(s) for run "
-                 f"{self.run_id} saved to {path}; the next mimflow command using this tracking URI "
-                 "delivers them")
+            path = spill(self.cfg, self.run_id, left, end_status, self._spool)
+            why = ("the store could not be written" if self.fatal is not None
+                   else f"MLflow {self.cfg.uri} still unreachable")
+            log(f"{why}: {len(left)} undelivered call(s) for run {self.run_id} saved to {path}; the next "
+                "mimflow command using this tracking URI delivers them")
         return delivered
+
+    def _artifact_dir(self) -> str | None:
+        """The run's artefact folder, when it is on this machine (to name it in an error)."""
+        try:
+            uri = self.client.get_run(self.run_id).info.artifact_uri
+        except Exception:
+            return None
+        return uri.removeprefix("file://") if uri.startswith(("file:", "/")) else None
 
     # -- delivery ---------------------------------------------------------------------------------
     def _put(self, op: dict) -> None:
         with self._cond:
+            if self.fatal is not None:
+                raise self.fatal
             if self._closed:
                 raise RuntimeError(f"tracker for run {self.run_id} is closed")
             self._ops.append(op)
@@ -168,6 +185,13 @@ class MlflowTracker:
                             self._cond.wait(timeout=backoff)
                     backoff = min(2 * backoff, self.cfg.retry_max_backoff_s)
                     continue
+                local = local_error(err, self.cfg.uri, where=self._artifact_dir())
+                if local is not None:  # this machine's disk or permissions: stop, and say where
+                    log(str(local))
+                    with self._cond:
+                        self.fatal = local
+                        self._cond.notify_all()
+                    return
                 log(f"MLflow refused {batch[0]['op']} for run {self.run_id}, dropped: "
                      f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
             with self._cond:
@@ -214,7 +238,7 @@ def log_entries(client: MlflowClient, run_id: str, kind: str, entries: list) -> 
     try:
         client.log_batch(run_id, **{kind: entries}, synchronous=True)
     except MlflowException as err:
-        if is_transient(err):
+        if is_transient(err) or local_error(err) is not None:  # an outage, or this machine's store
             raise
         if len(entries) > 1:
             half = len(entries) // 2

@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingConfig
+from pipeline.fsutil import os_error_line
 from pipeline.tracking.backlog import replay_backlog, spill, stored_steps
 from pipeline.tracking.base import NullTracker, Tracker
 from pipeline.tracking.delivery import MlflowTracker
@@ -137,8 +138,15 @@ def tracked_run(cfg: TrackingConfig, is_main: bool, run_name: str, tags: dict[st
 
 
 def _end(tracker: MlflowTracker, status: str, timeout_s: float) -> None:
+    """Flush and end the run; a local store problem met on the way fails the stage (LocalStoreError)."""
     start = time.monotonic()
-    delivered = tracker.close(timeout_s, end_status=status)
+    ok = status == "FINISHED"
+    status = "FAILED" if tracker.fatal is not None else status
+    try:
+        delivered = tracker.close(timeout_s, end_status=status)
+    except OSError as err:  # the backlog folder itself cannot be written
+        log(f"could not keep the undelivered calls of run {tracker.run_id}: {os_error_line(err)}")
+        delivered = False
     if delivered:
         try:
             retrying(lambda: tracker.client.set_terminated(tracker.run_id, status), f"ending run {tracker.run_id}",
@@ -150,3 +158,5 @@ def _end(tracker: MlflowTracker, status: str, timeout_s: float) -> None:
         mlflow.end_run(status)  # pops the fluent run stack (status already set above)
     except Exception:  # the stack is popped before MLflow's own request; that request may fail
         pass
+    if ok and tracker.fatal is not None:
+        raise tracker.fatal

@@ -135,3 +135,23 @@ def test_killed_pipeline_reopens_its_parent_and_child_runs(tmp_path):
     ft = history(client, by_name["finetune"].info.run_id, "finetune/loss")
     assert [s for s, _ in ft] == sorted(set(s for s, _ in ft)) == list(range(1, len(ft) + 1))
     assert [s for s, _ in history(client, by_name["finetune"].info.run_id, "val/accuracy")] == [1, 2]
+
+
+def test_a_flipped_newest_checkpoint_and_a_lost_index_still_resume_exactly(prepared_landsat, reference, tmp_path):
+    """Bytes flipped in the newest checkpoint's tensors (a disk error after the commit) and
+    index.json deleted: the index is rebuilt from the folders, the damaged folder is skipped by its
+    checksum, and the run resumes from the one before, bit for bit the uninterrupted run."""
+    args = pretrain_args(prepared_landsat, tmp_path, EVERY_2)
+    assert run_cli(args, cwd=tmp_path, fault="pretrain:kill:7").returncode == -signal.SIGKILL
+    root = tmp_path / "runs" / "landsat_tiny" / "pretrain" / "checkpoints"
+    newest = root / checkpoint_index(tmp_path)["checkpoints"][-1]["dir"]
+    data = bytearray((newest / "tensors.safetensors").read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])  # bits flipped; still parses: only the checksum can tell
+    (newest / "tensors.safetensors").write_bytes(bytes(data))
+    (root / "index.json").unlink()
+
+    resumed = ok(run_cli(args, cwd=tmp_path))
+    assert "index.json is missing: rebuilt from the 2 checkpoint folder(s)" in resumed.stderr
+    assert "tensors.safetensors changed since it was written (sha256 mismatch)" in resumed.stderr
+    assert "(epoch 2, step 5, 0 batches into the epoch)" in resumed.stdout  # the epoch-1 checkpoint
+    assert_same_weights(encoder(tmp_path), reference["weights"])

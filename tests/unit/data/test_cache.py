@@ -242,7 +242,7 @@ def test_open_rejects_a_damaged_cache(tmp_path):
     index = json.loads((cache.path / "index.json").read_text())
     index["count"] = 5
     (cache.path / "index.json").write_text(json.dumps(index))
-    with pytest.raises(CacheError, match="shards hold 4 images"):
+    with pytest.raises(CacheError, match=r"index.json: changed since it was written \(checksum mismatch\)"):
         TileCache.open(cache.path)
     with pytest.warns(UserWarning, match="rebuilding the tile cache"):
         rebuilt = TileCache.build(records, tmp_path / "cache", quiet=True)
@@ -253,3 +253,62 @@ def test_open_rejects_a_damaged_cache(tmp_path):
         TileCache.open(rebuilt.path)
     with pytest.raises(CacheError, match="no images"):
         TileCache.build([], tmp_path / "cache")
+
+
+def _flip_values(shard: Path) -> None:
+    """Zero a shard's values, keeping its .npy header (and so its shape) intact."""
+    arr = np.load(shard, mmap_mode="r+")
+    arr[:] = 0
+    arr.flush()
+    del arr
+
+
+def test_a_shard_zeroed_behind_an_intact_header_is_caught_and_rebuilt(tmp_path):
+    records = make_tiles(tmp_path / "src", n=4)
+    cache = TileCache.build(records, tmp_path / "cache", quiet=True)
+    before = cache[1].copy()
+    _flip_values(cache.path / "shard_00000.npy")
+    with pytest.raises(CacheError, match=r"shard_00000.npy: its values changed since it was written"):
+        TileCache.open(cache.path)
+    with pytest.warns(UserWarning, match="rebuilding the tile cache"):
+        rebuilt = TileCache.build(records, tmp_path / "cache", quiet=True)
+    assert np.array_equal(bits(rebuilt[1]), bits(before))
+
+
+def test_an_index_listing_other_images_or_another_order_is_not_trusted(tmp_path):
+    from pipeline.data.cache import _index_checksum
+
+    records = make_tiles(tmp_path / "src", n=4)
+    cache = TileCache.build(records, tmp_path / "cache", quiet=True)
+    index = json.loads((cache.path / "index.json").read_text())
+    index["paths"] = index["paths"][::-1]  # path order changed, and consistently re-checksummed
+    index["checksum"] = _index_checksum(index)
+    (cache.path / "index.json").write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="other images \\(or another order\\)"):
+        rebuilt = TileCache.build(records, tmp_path / "cache", quiet=True)
+    for i, r in enumerate(records):
+        assert np.array_equal(bits(rebuilt[i]), bits(read_image(r.path)))
+
+
+def test_a_file_changed_in_place_with_size_and_mtime_kept_gets_a_new_cache(tmp_path):
+    """cp -p / rsync / restores keep size and timestamps; the manifest's sha256 (which prepare
+    re-checks) keys the cache, so the new pixels are what training reads."""
+    import dataclasses
+    import hashlib
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    paths = []
+    for i in range(3):
+        np.save(folder / f"t{i}.npy", np.full((1, 4, 4), float(i), np.float32))
+        paths.append(folder / f"t{i}.npy")
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    records = [Record(p, "unlabelled", -1, p.name, sha256=sha(p)) for p in paths]
+    first = TileCache.build(records, tmp_path / "cache", quiet=True)
+    stat = os.stat(paths[1])
+    np.save(paths[1], np.full((1, 4, 4), 7.0, np.float32))  # same size
+    os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime
+    assert os.stat(paths[1]).st_size == stat.st_size
+    fresh = [dataclasses.replace(r, sha256=sha(r.path)) for r in records]  # as prepare rewrites it
+    second = TileCache.build(fresh, tmp_path / "cache", quiet=True)
+    assert second.path != first.path and second[1][0, 0, 0] == 7.0

@@ -74,8 +74,37 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     older = _save(ck, 2)
     newer = _save(ck, 4)
     (newer / "tensors.safetensors").write_bytes(b"\x00" * 10)  # e.g. a disk error after the commit
-    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+    with pytest.warns(UserWarning, match="tensors.safetensors changed since it was written"):
         assert ck.latest() == older
+
+
+def test_flipped_bytes_that_still_parse_are_caught_by_the_checksum(tmp_path):
+    from safetensors.torch import load_file
+
+    ck = CheckpointDir(tmp_path, keep_last=2)
+    older = _save(ck, 2, value=2.0)
+    newer = _save(ck, 4, value=4.0)
+    data = bytearray((newer / "tensors.safetensors").read_bytes())
+    data[-4:] = bytes(4)  # a float of the last tensor zeroed: the file still loads
+    (newer / "tensors.safetensors").write_bytes(bytes(data))
+    assert load_file(newer / "tensors.safetensors")["w"][-1] == 0  # safetensors alone cannot tell
+    with pytest.warns(UserWarning, match="changed since it was written"):
+        assert ck.latest() == older
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        read_checkpoint(newer)  # an explicitly named checkpoint is verified too
+
+
+def test_a_lost_index_is_rebuilt_from_the_folders_and_nothing_listed_is_deleted(tmp_path):
+    ck = CheckpointDir(tmp_path, keep_last=3)
+    paths = [_save(ck, step) for step in (2, 4)]
+    (tmp_path / "index.json").unlink()
+    with pytest.warns(UserWarning, match="index.json is missing: rebuilt from the 2 checkpoint folder"):
+        assert [c["step"] for c in ck.index()["checkpoints"]] == [2, 4]
+    with pytest.warns(UserWarning):
+        assert ck.latest() == paths[1]
+    with pytest.warns(UserWarning):
+        _save(ck, 6)
+    assert [c["step"] for c in ck.index()["checkpoints"]] == [2, 4, 6] and all(p.is_dir() for p in paths)
 
 
 KILLER = textwrap.dedent("""
@@ -144,7 +173,7 @@ def test_a_pickle_posing_as_a_checkpoint_is_refused_and_never_run(malicious_pick
     ck = CheckpointDir(tmp_path / "ck")
     good = _save(ck, 2)
     (good / "tensors.safetensors").write_bytes(path.read_bytes())  # swapped in after the commit
-    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+    with pytest.raises(CheckpointError, match="changed since it was written"):  # never even parsed
         read_checkpoint(good)
     with pytest.warns(UserWarning):
         assert ck.latest() is None
