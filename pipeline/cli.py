@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _prepared(cfg: Config, given: str | None) -> Path:
-    path = Path(given) if given else Path(cfg.data.root) / cfg.data.dataset
+    path = Path(given) if given else Path(cfg.data.root) / cfg.data.name
     if not (path / "manifest.csv").is_file():
         raise FileNotFoundError(f"{path}: no prepared dataset (run `mimflow prepare` first, or pass --prepared)")
     return path
@@ -58,9 +59,25 @@ def _stage_locked(cfg: Config, stage: str, fn, acc):
     return StageRuns(cfg, acc, pipeline=False).stage(stage, {"mimflow.stage": stage}, body)
 
 
+def ui_command(uri: str) -> str:
+    """A `mlflow ui` command that works as typed from here: the mlflow of this environment (by a
+    path relative to the working folder where it can be), not whichever is on PATH."""
+    exe = Path(sys.executable).parent / "mlflow"
+    try:
+        shown = str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(exe)
+    return f"{shown} ui --backend-store-uri {uri} --port 5000"
+
+
 def print_summary(cfg: Config, summary: dict) -> None:
     print("\n" + "=" * 72)
-    print(f"mimflow run '{cfg.run.name}' finished in {summary['seconds'] / 60:.1f} min")
+    name = summary.get("run_name", cfg.run.name)
+    when = "finished before" if summary.get("already_done") else "finished"
+    print(f"mimflow run '{name}' {when} in {summary['seconds'] / 60:.1f} min")
+    times = summary.get("stage_seconds") or {}
+    if times:
+        print("  stages: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
     label = {"pretrained": f"init={cfg.finetune.init}", "scratch": "init=scratch",
              "teacher": f"teacher {cfg.finetune.distillation.teacher_backbone}"}
     rows = [k for k in ("pretrained", "scratch", "teacher") if k in summary]
@@ -73,10 +90,23 @@ def print_summary(cfg: Config, summary: dict) -> None:
     print(f"parent MLflow run: {summary.get('parent_run_id')}")
     uri = cfg.tracking.uri
     if uri.startswith("sqlite:"):
-        print(f"see the runs:  mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")
+        print(f"see the runs:  {ui_command(uri)}   (or: make ui; then open http://127.0.0.1:5000)")
     else:
         print(f"see the runs:  open {uri}")
     print("=" * 72)
+
+
+def quiet_output(quiet: bool) -> None:
+    """Logs a person can read: no progress-bar redraws off a terminal (tqdm's and MLflow's
+    download bars), and with run.quiet no bars at all and no MLflow INFO lines."""
+    import logging
+
+    if quiet or not sys.stderr.isatty():
+        os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar, in this process and its workers
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    if quiet:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"  # the same for MLflow's subprocesses
 
 
 @dataclass(frozen=True)
@@ -86,6 +116,7 @@ class Command:
     run: Callable[[Config, argparse.Namespace], int]
     options: tuple[tuple[tuple[str, ...], dict], ...] = ()
     prepared: bool = True  # reads a prepared data set (--prepared)
+    reads_writes: str = ""
 
 
 def _run(cfg: Config, a) -> int:
@@ -108,14 +139,17 @@ def _prepare(cfg: Config, a) -> int:
 
 
 def _pretrain(cfg: Config, a) -> int:
+    from pipeline.stages.common import resolve_geometry
     from pipeline.stages.pretrain import pretrain
 
     prepared = _prepared(cfg, a.prepared)
+    cfg = resolve_geometry(cfg, prepared)
     _stage(cfg, "pretrain", lambda acc, t: pretrain(cfg, prepared, acc, t))
     return 0
 
 
 def _finetune(cfg: Config, a) -> int:
+    from pipeline.stages.common import resolve_geometry
     from pipeline.stages.finetune import finetune, teacher_config
     from pipeline.stages.run import resolve_init, teacher_source
     from pipeline.tracking.artifacts import fetch
@@ -124,6 +158,7 @@ def _finetune(cfg: Config, a) -> int:
         print("mimflow: finetune alone needs --init scratch|PATH|run id|URI", file=sys.stderr)
         return 2
     prepared, source, teacher = _prepared(cfg, a.prepared), teacher_source(cfg), None
+    cfg = resolve_geometry(cfg, prepared)
     if source == "train":  # the teacher first, in a run of its own
         tcfg = teacher_config(cfg)
         teacher = Path(_stage(tcfg, "teacher", lambda acc, t: str(finetune(tcfg, prepared, None, acc, t,
@@ -153,28 +188,65 @@ def _register(cfg: Config, a) -> int:
     return 0
 
 
-CLASSIFIER = (("--classifier",), dict(required=True, help="classifier folder, run id or URI"))
+def _config(cfg: Config, a) -> int:
+    from pipeline.configdoc import describe
+
+    print("# the resolved config: each key with its meaning, and its default where the recipe or an override\n"
+          "# changed it (model.img_size / patch_size null: set from the data by prepare)")
+    print("\n".join(describe(cfg)))
+    return 0
+
+
+CLASSIFIER = (("--classifier",), dict(required=True, help="classifier folder, run id, runs:/ or models:/ URI "
+                                                           "(models:/name@alias works)"))
 COMMANDS: dict[str, Command] = {
-    "run": Command("all stages in one parent MLflow run (no config: the bundled demo)", _run, prepared=False),
-    "prepare": Command("build the dataset manifest and channel statistics", _prepare, prepared=False),
-    "pretrain": Command("masked-image-model pretraining on the unlabelled pool", _pretrain),
+    "run": Command("all stages in one parent MLflow run (no recipe: the bundled demo)", _run, prepared=False,
+                   reads_writes="Reads the recipe's data; writes the prepared data under data.root/data.name, every "
+                                "stage's outputs under run.output_dir/run.name/, one MLflow parent run with a child "
+                                "per stage, and a registered model version (models:/<register.model_name>@<alias>). "
+                                "A finished run is reported, not redone."),
+    "prepare": Command("build the dataset manifest and channel statistics", _prepare, prepared=False,
+                       reads_writes="Reads every image data.dataset lists; writes data.root/data.name/ (manifest.csv, "
+                                    "dataset.json, stats.json, quarantine.csv, skipped.csv) and an MLflow run."),
+    "pretrain": Command("masked-image-model pretraining on the unlabelled pool", _pretrain,
+                        reads_writes="Reads the prepared data; writes run.output_dir/run.name/pretrain/ (checkpoints/, "
+                                     "encoder/ = model.safetensors + meta.json) and an MLflow run with the encoder."),
     "finetune": Command("fine-tune a classifier (or a linear probe) on the labelled tiles", _finetune, (
         (("--init",), dict(help="scratch | PATH | MLflow run id | runs:/ or models:/ URI")),
         (("--label-fraction",), dict(type=float, help="stratified fraction of training labels")),
-        (("--probe",), dict(action="store_true", help="linear probe of the frozen encoder (finetune.mode=probe)")))),
-    "evaluate": Command("score a classifier on the held-out split", _evaluate, (CLASSIFIER,)),
-    "register": Command("register a classifier in the MLflow model registry", _register, (CLASSIFIER,)),
+        (("--probe",), dict(action="store_true", help="linear probe of the frozen encoder (finetune.mode=probe)"))),
+        reads_writes="Reads the prepared data and the encoder named by --init; writes run.output_dir/run.name/"
+                     "finetune/ (checkpoints/, classifier/ = the best epoch's weights + meta.json) and an MLflow run."),
+    "evaluate": Command("score a classifier on the held-out split", _evaluate, (CLASSIFIER,),
+                        reads_writes="Reads the prepared data and the classifier; writes run.output_dir/run.name/"
+                                     "evaluate/ (metrics.json, confusion_matrix.png) and an MLflow run; prints the metrics."),
+    "register": Command("register a classifier in the MLflow model registry", _register, (CLASSIFIER,),
+                        reads_writes="Reads the classifier (and one test image as the input example); writes a model "
+                                     "version of register.model_name with lineage tags and alias register.alias."),
+    "config": Command("print the resolved config: every key, its default and its meaning", _config, prepared=False,
+                      reads_writes="Reads the recipe and overrides; writes nothing."),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mimflow", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mimflow", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Label-scarce domain adaptation of vision transformers: prepare imagery, pretrain by masked\n"
+                    "image modelling, fine-tune on few labels, evaluate, register in MLflow. Every command takes an\n"
+                    "optional YAML recipe and dotted overrides (key.sub=value); `mimflow config` lists every key.",
+        epilog="examples:\n"
+               "  mimflow run                                        the bundled demo (about 4 min on 2 cores)\n"
+               "  mimflow run configs/recipes/landsat_simmim_swin.yaml finetune.label_fraction=0.05\n"
+               "  mimflow config data.dataset=imagefolder data.options.root=/data/cxr\n"
+               "  mimflow evaluate --classifier models:/landsat-landcover-vit@candidate\n"
+               "run `mimflow COMMAND --help` for what a command reads and writes")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, usage=f"mimflow {name} {USAGE_ARGS} [options]")
+        p = sub.add_parser(name, help=command.help, usage=f"mimflow {name} {USAGE_ARGS} [options]",
+                           description=f"{command.help[0].upper()}{command.help[1:]}. {command.reads_writes}")
         p.add_argument("args", nargs="*", help="a YAML recipe and/or dotted overrides")
         if command.prepared:
-            p.add_argument("--prepared", help="prepared dataset folder (default: data.root/data.dataset)")
+            p.add_argument("--prepared", help="prepared dataset folder (default: data.root/data.name)")
         for flags, kwargs in command.options:
             p.add_argument(*flags, **kwargs)
     # key=value overrides may also come after --options (argparse alone would refuse them there)
@@ -198,16 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.engine.preempt import Preempted
     from pipeline.fsutil import FolderLockedError, os_error_line
     from pipeline.stages.register import RegisterRefused
+    from pipeline.tracking.registry import SchemaChangeError
     from pipeline.tracking.retry import LocalStoreError, store_error_line
     from pipeline.weights import UnsafeCheckpointError, WeightsIntegrityError
 
+    quiet_output(cfg.run.quiet)
     try:
         return COMMANDS[a.command].run(cfg, a)
     except Preempted as stop:  # SIGTERM: checkpointed; the same command resumes from it
         print(f"mimflow: {stop}; run the same command again to resume", file=sys.stderr, flush=True)
         return 0
     except (NonFiniteLossError, CheckpointError, UnsafeCheckpointError, DataError, FolderLockedError,
-            WeightsIntegrityError, LocalStoreError, RegisterRefused) as err:
+            WeightsIntegrityError, LocalStoreError, RegisterRefused, SchemaChangeError, ConfigError) as err:
         print(f"mimflow: {err}", file=sys.stderr, flush=True)
         return 1
     except OSError as err:  # disk full, read-only or missing folders: the path, not a traceback

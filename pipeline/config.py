@@ -10,6 +10,8 @@ backbone pair are checked here, at load, naming the keys.
 from __future__ import annotations
 
 import copy
+import difflib
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -27,13 +29,15 @@ class ConfigError(ValueError):
 
 
 class RunConfig(_Section):
-    name: str = "landsat_mae"
-    seed: int = 0
+    """The run: its name, seed, device, precision and how it reports."""
+    # None: derived from the data and the method, e.g. landsat_landcover_mae (outputs go to <output_dir>/<name>)
+    name: str | None = None
+    seed: int = 0  # every random draw (init, shuffles, masks, augmentations, splits) follows from it
     output_dir: str = resume_safe("mimflow_runs")  # stage outputs go to <output_dir>/<name>/<stage>
-    device: Literal["auto", "cpu", "cuda"] = resume_safe("auto")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    num_workers: int = resume_safe(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = resume_safe("auto")  # auto: CUDA when there is one
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # bf16 on GPUs; CPUs here run bf16 matmuls 2x slower
+    gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
+    num_workers: int = resume_safe(0, ge=0)  # data-loader processes per rank (0: in the training process)
     quiet: bool = resume_safe(False)  # no progress bars (CI logs)
     fsdp: bool = False  # shard weights/grads/optimizer state (FSDP2) instead of DDP: for ViT-L/H
     # recompute block activations in backward: less memory, same numbers
@@ -43,22 +47,23 @@ class RunConfig(_Section):
 
 
 class TrackingConfig(_Section):
+    """Where runs, metrics, artefacts and models go: an MLflow store or server."""
     uri: str = "sqlite:///mlflow.db"  # embedded default; http://host:port for a server
     artifact_location: str | None = "mlartifacts"  # only used when the experiment is created
-    experiment: str = "mimflow"
+    experiment: str = "mimflow"  # the MLflow experiment every run of this recipe goes to
     # Logging runs in the background and survives a server outage: failed calls are retried with
     # backoff (capped at retry_max_backoff_s) and delivered in order once the server is back.
     retry_max_backoff_s: float = Field(30.0, gt=0)
     # at the end of a stage, wait this long for the backlog; then spill it to backlog_dir
     # (replayed by the next mimflow command that uses this tracking URI)
     flush_timeout_s: float = Field(600.0, ge=0)
-    backlog_dir: str = ".mimflow/tracking_backlog"
+    backlog_dir: str = ".mimflow/tracking_backlog"  # undelivered tracking calls wait here (only when there are any)
 
 
 class CheckpointConfig(_Section):
     """Checkpoints under <output_dir>/<name>/<stage>/checkpoints, for exact resume."""
     every_steps: int = Field(500, ge=0)  # optimizer steps between checkpoints (0: epoch ends only)
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1)  # checkpoints kept per stage (older ones are deleted)
     resume: str = "auto"  # auto: the newest valid unfinished checkpoint | never | PATH of a checkpoint
     # SIGTERM (preemption): checkpoint at the next step, then exit 0 within this many seconds.
     # torchrun and SLURM send SIGKILL 30 s after SIGTERM by default: stay below that.
@@ -111,13 +116,13 @@ class ReaderOptions(_ReaderSection):
     A read-only mapping {reader: {option: value}} of the readers set, so that
     `read_image(path, **cfg.data.reader_options)` passes exactly what the recipe says.
     """
-    png: PngOptions | None = None
-    jpeg: PngOptions | None = None
-    tiff: TiffOptions | None = None
-    dicom: DicomOptions | None = None
-    nifti: NiftiOptions | None = None
-    npy: NpyOptions | None = None
-    npz: NpzOptions | None = None
+    png: PngOptions | None = None  # {alpha: drop | keep | nodata, orientation: exif | stored}
+    jpeg: PngOptions | None = None  # as png
+    tiff: TiffOptions | None = None  # {bands: [1-based indexes or descriptions], max_pixels}
+    dicom: DicomOptions | None = None  # {window: lung | [center, width] | header, force}
+    nifti: NiftiOptions | None = None  # {axis: 0 | 1 | 2, min_nonzero_fraction, canonical}
+    npy: NpyOptions | None = None  # no options
+    npz: NpzOptions | None = None  # {split: train | val | test}
 
     @model_validator(mode="before")
     @classmethod
@@ -145,11 +150,19 @@ class ReaderOptions(_ReaderSection):
         return {k: self[k] for k in self.keys()}
 
 
+GENERIC_SOURCES = {"folder": "root", "imagefolder": "root", "csv": "manifest"}  # source -> its path option
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 class DataConfig(_Section):
-    dataset: str = "landsat_landcover"  # datasets/<dataset>/prepare.py builds it
+    """The imagery: where it comes from, how it is read, checked, split, normalised and augmented."""
+    dataset: str = "landsat_landcover"  # folder | imagefolder | csv, or a data card: datasets/<dataset>/prepare.py
+    # the data set's name in run, model and folder names; None: the data card's name, or the name
+    # of the folder (table) a generic source reads
+    name: str | None = None
     # passed to the builder as keyword arguments
     options: dict[str, Any] = Field(default_factory=lambda: {"tile_size": 16, "block_size": 64, "pool_stride": 4})
-    root: str = resume_safe(".mimflow/data")  # prepared data goes to <root>/<dataset>
+    root: str = resume_safe(".mimflow/data")  # prepared data goes to <root>/<data.name>
     # keyed by reader: {dicom: {window: lung}, nifti: {axis: 2}, png: {alpha: nodata}, tiff: {bands: [4, 3, 2]}}
     reader_options: ReaderOptions = Field(default_factory=ReaderOptions)
     # auto: the data card's channels, else the largest count present (grey is replicated, and
@@ -166,7 +179,7 @@ class DataConfig(_Section):
     augment: Literal["satellite", "medical", "none"] = "satellite"  # training transform preset
     augment_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {scale: [0.5, 1.0]}
     stats_sample_per_channel: int = Field(200_000, ge=1000)  # reservoir for percentiles
-    clip_percentiles: tuple[float, float] = (1.0, 99.0)
+    clip_percentiles: tuple[float, float] = (1.0, 99.0)  # each channel is clipped to these percentiles, then standardised
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -184,26 +197,33 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The backbone and its input geometry."""
     backbone: str = "vit_demo"  # a variant of a registered family: vit_*, deit_* (distilled), swin_*, resnet*
-    img_size: int = Field(16, ge=4)
-    patch_size: int = Field(2, ge=1)
+    # None: from the data once prepared (the median image size, capped at 224 px; said in the console)
+    img_size: int | None = Field(None, ge=4)
+    # None: the smallest of 2, 4, 8, 16, 32 that divides img_size into at most 16 x 16 patches
+    patch_size: int | None = Field(None, ge=1)
     window_size: int | None = Field(None, ge=1)  # Swin only; None: the variant's default
 
     @field_validator("patch_size")
     @classmethod
-    def _divides(cls, v: int, info) -> int:
+    def _divides(cls, v: int | None, info) -> int | None:
         img = info.data.get("img_size")
-        if img is not None and img % v:
+        if img is not None and v is not None and img % v:
             raise ValueError(f"patch_size={v} does not divide img_size={img}")
         return v
+
+    @property
+    def resolved(self) -> bool:
+        return self.img_size is not None and self.patch_size is not None
 
 
 class OptimizerConfig(_Section):
     """timm's optimizer factory (AdamW by default) with its parameter groups: no weight decay on
     norms, biases and tokens; optional layer-wise lr decay (BEiT/MAE fine-tuning)."""
-    name: Literal["adamw", "sgd", "momentum", "lars", "lamb"] = "adamw"
+    name: Literal["adamw", "sgd", "momentum", "lars", "lamb"] = "adamw"  # timm's optimizer name
     base_lr: float = Field(1.5e-3, gt=0)  # lr = base_lr * global_batch / 256 (MAE's linear rule)
-    weight_decay: float = Field(0.05, ge=0)
+    weight_decay: float = Field(0.05, ge=0)  # decoupled (AdamW) weight decay, not on norms, biases and tokens
     betas: tuple[float, float] = (0.9, 0.95)  # adam-family optimizers
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd / momentum / lars
     layer_decay: float | None = Field(None, gt=0, le=1)  # lr x layer_decay^(depth - layer); None: off
@@ -222,16 +242,17 @@ ObjectiveSection = _objective_union()
 
 
 class PretrainConfig(_Section):
+    """Masked-image-model pretraining on the unlabelled pool."""
     # {name: mae | simmim | ..., <that objective's own keys>}; a plain name is accepted too
     objective: ObjectiveSection = Field(default_factory=OBJECTIVES["mae"].Config)
     # continued pretraining: start from these encoder weights (folder, .pt/.pth, run id, runs:/ or models:/ URI)
     init: str | None = None
-    epochs: int = Field(40, ge=1)
-    batch_size_per_device: int = Field(128, ge=1)
+    epochs: int = Field(40, ge=1)  # passes over the pool
+    batch_size_per_device: int = Field(128, ge=1)  # images per step and process (global = x processes x accumulation)
     # base_lr: 10x MAE's 1.5e-4 because the demo run is short
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    recon_every_epochs: int = resume_safe(5, ge=1)
-    log_every_steps: int = resume_safe(10, ge=1)
+    recon_every_epochs: int = resume_safe(5, ge=1)  # a reconstruction figure every N epochs (and at the end)
+    log_every_steps: int = resume_safe(10, ge=1)  # loss and lr to MLflow every N optimizer steps
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -263,17 +284,19 @@ MODE_OPTIMIZER = {
 
 
 class FinetuneConfig(_Section):
+    """Fine-tuning (or a linear probe) on a fraction of the labelled training split."""
     init: str = "pretrained"  # pretrained | scratch | PATH | run id | runs:/... | models:/...
     mode: Literal["full", "probe"] = "full"  # probe: frozen encoder, BatchNorm + linear head (MAE protocol)
-    epochs: int = Field(50, ge=1)
-    batch_size_per_device: int = Field(64, ge=1)
+    epochs: int = Field(50, ge=1)  # passes over the labelled subset; the best epoch by validation is kept
+    batch_size_per_device: int = Field(64, ge=1)  # images per step and process
+    # starts from the mode's settings (MODE_OPTIMIZER); keys given here override single values
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(**MODE_OPTIMIZER["full"]))
-    drop_path: float = Field(0.1, ge=0, lt=1)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    drop_path: float = Field(0.1, ge=0, lt=1)  # stochastic depth rate of the transformer blocks
+    label_smoothing: float = Field(0.1, ge=0, lt=1)  # of the cross-entropy targets
     label_fraction: float = Field(0.1, gt=0, le=1)  # the label-scarce setting
     compare_scratch: bool = resume_safe(True)  # in `run`: also fine-tune from scratch as the baseline
-    distillation: DistillationConfig = Field(default_factory=DistillationConfig)
-    log_every_steps: int = resume_safe(10, ge=1)
+    distillation: DistillationConfig = Field(default_factory=DistillationConfig)  # a distilled DeiT's teacher
+    log_every_steps: int = resume_safe(10, ge=1)  # loss and lr to MLflow every N optimizer steps
 
     @model_validator(mode="before")
     @classmethod
@@ -286,13 +309,21 @@ class FinetuneConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    split: str = "test"
-    batch_size: int = Field(256, ge=1)
+    """Scoring a classifier on a held-out split."""
+    split: str = "test"  # the split scored: test (held-out groups) or val
+    batch_size: int = Field(256, ge=1)  # images per prediction batch
 
 
 class RegisterConfig(_Section):
-    model_name: str = "landsat-landcover-vit"
-    alias: str = "candidate"
+    """The MLflow model registry entry of the classifier."""
+    # None: derived from the data and the backbone family, e.g. landsat-landcover-vit
+    model_name: str | None = None
+    alias: str = "candidate"  # the alias moved to the new version (promote with another alias in MLflow)
+    # which classifier of `mimflow run` is registered: the one with the better validation balanced
+    # accuracy (best_val), or always the pretrained / the scratch arm
+    arm: Literal["best_val", "pretrained", "scratch"] = "best_val"
+    # a version whose classes, channels or input geometry differ from the model's latest is refused
+    allow_schema_change: bool = False
     # a classifier that never saw a class in training is refused (it cannot predict it) unless this is set
     allow_missing_classes: bool = False
 
@@ -320,6 +351,10 @@ class Config(_Section):
             spec = backbone_spec(m.backbone)
         except KeyError as err:
             raise ValueError(f"model.backbone: {err.args[0]}") from None
+        self._check_data()
+        self._name_from_the_data(spec.family)
+        if not m.resolved:  # from the data: checked again once prepare has set it (resolve_geometry)
+            return self._check_teacher()
         try:
             check_geometry(m.backbone, m.img_size, m.patch_size, 1, m.window_size)
         except ValueError as err:
@@ -335,11 +370,47 @@ class Config(_Section):
                 objective.check(self.pretrain.objective, encoder, backbone_spec(m.backbone), m.img_size)
             except ValueError as err:
                 raise ValueError(f"pretrain.objective: {err}") from None
+        return self._check_teacher()
+
+    def _check_teacher(self):
         teacher = self.finetune.distillation.teacher_backbone
         if teacher not in BACKBONES:
             raise ValueError(f"finetune.distillation.teacher_backbone: unknown backbone {teacher!r}; "
                              f"known: {sorted(BACKBONES)}")
         return self
+
+    def _check_data(self) -> None:
+        """What config can check of the data before any work: the source exists, its path too."""
+        d = self.data
+        if d.dataset in GENERIC_SOURCES:
+            key = GENERIC_SOURCES[d.dataset]
+            given = d.options.get(key)
+            if not given:
+                raise ValueError(f"data.options.{key}: data.dataset={d.dataset} reads the images from there; give it")
+            if not Path(given).exists():
+                raise ValueError(f"data.options.{key}: {given} does not exist")
+            return
+        cards = sorted(p.parent.name for p in (REPO_ROOT / "datasets").glob("*/prepare.py"))
+        if d.dataset not in cards:
+            close = difflib.get_close_matches(d.dataset, [*GENERIC_SOURCES, *cards], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"data.dataset: unknown data set {d.dataset!r}{hint} (generic sources: "
+                             f"{sorted(GENERIC_SOURCES)}; data cards in datasets/: {cards})")
+
+    def _name_from_the_data(self, family: str) -> None:
+        """Fill data.name, run.name and register.model_name from the data when not given."""
+        d = self.data
+        if d.name is None:
+            path = d.options.get(GENERIC_SOURCES.get(d.dataset, ""), "")
+            stem = Path(path).resolve().stem if path else d.dataset
+            if d.dataset == "csv" and stem in ("manifest", "labels", "data", "index", "train"):
+                stem = Path(path).resolve().parent.name  # a generic table name says little
+            d.name = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or d.dataset
+        if self.run.name is None:
+            method = self.pretrain.objective.name if self.finetune.init == "pretrained" else "scratch"
+            self.run.name = f"{d.name}_{method}"
+        if self.register.model_name is None:
+            self.register.model_name = f"{d.name.replace('_', '-')}-{family}".lower()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -431,11 +502,31 @@ def config_from_dict(tree: dict, source: str = "config") -> Config:
             if loc[:2] == ["pretrain", "objective"] and len(loc) > 3 and loc[2] in OBJECTIVES:
                 note = f" for objective {loc.pop(2)!r}"  # the union's tag is no key of the recipe
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+            hint = _did_you_mean(loc, note) if e["type"] == "extra_forbidden" else ""
             if not loc:  # a check across sections: its message names the keys
                 lines.append(f"  {msg}")
                 continue
-            lines.append(f"  {'.'.join(loc)}: {msg}{note} (got {e.get('input')!r})")
+            lines.append(f"  {'.'.join(loc)}: {msg}{note}{hint} (got {e.get('input')!r})")
         raise ConfigError(f"invalid {source}:\n" + "\n".join(lines)) from None
+
+
+def _did_you_mean(loc: list[str], note: str) -> str:
+    """'; did you mean X?' for an unknown key, from the keys of the section it was found in."""
+    from pipeline.configdoc import section_class
+
+    cls = Config
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part)
+        if field is None:
+            return ""
+        if part == "objective" and note:  # the objective named in the union's tag
+            cls = OBJECTIVES[note.split("'")[1]].Config
+            continue
+        cls = section_class(field.annotation)
+        if cls is None:
+            return ""
+    close = difflib.get_close_matches(loc[-1], list(cls.model_fields), n=1)
+    return f"; did you mean {'.'.join([*loc[:-1], close[0]])}?" if close else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

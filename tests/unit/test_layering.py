@@ -19,6 +19,7 @@ FORBIDDEN = {
     "configbase.py": {"pipeline"},
     "registry.py": {"pipeline"},
     "faults.py": {"pipeline"},
+    "configdoc.py": {"pipeline", "mlflow", "accelerate"},
     "config.py": {"pipeline.stages", "pipeline.engine", "pipeline.tracking", "pipeline.weights", "pipeline.data",
                   "pipeline.cli", "mlflow", "accelerate"},
     "stages": {"pipeline.cli"},

@@ -15,11 +15,12 @@ from pipeline.models.objectives import ObjectiveSpec
 
 
 class MAEConfig(ObjectiveConfig):
-    name: Literal["mae"] = "mae"
-    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    """MAE: encode the visible patches only, decode all, regress the masked patches' pixels."""
+    name: Literal["mae"] = "mae"  # the objective
+    mask_ratio: float = Field(0.75, gt=0, lt=1)  # share of patches hidden from the encoder
     decoder_dim: int = Field(64, ge=8)  # MAE's ViT-B recipe: 512 wide, 8 deep, 16 heads
-    decoder_depth: int = Field(2, ge=1)
-    decoder_heads: int = Field(4, ge=1)
+    decoder_depth: int = Field(2, ge=1)  # transformer blocks of the decoder
+    decoder_heads: int = Field(4, ge=1)  # attention heads of the decoder
     norm_pix_loss: bool = True  # per-patch normalised pixel targets (the paper's default)
 
 

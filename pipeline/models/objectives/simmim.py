@@ -20,8 +20,9 @@ from pipeline.models.objectives import ObjectiveSpec
 
 
 class SimMIMConfig(ObjectiveConfig):
-    name: Literal["simmim"] = "simmim"
-    mask_ratio: float = Field(0.6, gt=0, lt=1)
+    """SimMIM: mask tokens in place of masked patches, a linear head, L1 on the masked pixels."""
+    name: Literal["simmim"] = "simmim"  # the objective
+    mask_ratio: float = Field(0.6, gt=0, lt=1)  # share of mask squares hidden
     # side of a masked square in pixels, a multiple of the patch size that divides img_size;
     # None: max(2 x patch_size, the encoder's output stride), as SimMIM's 32 px over 16 px ViT
     # patches and over Swin-B's stride of 32

@@ -1,0 +1,96 @@
+"""What each config key means, read from the comments beside (or just above) its field in the
+source, so that the code's comments are the one place a key is documented; `mimflow config`
+prints them with the resolved values and the defaults."""
+from __future__ import annotations
+
+import ast
+import inspect
+import io
+import tokenize
+import typing
+from functools import lru_cache
+from typing import Any
+
+from pydantic import BaseModel
+
+
+@lru_cache(maxsize=None)
+def _comments(module) -> dict[int, str]:
+    """line number -> the comment text on that line, for one module."""
+    source = inspect.getsource(module)
+    out = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            out[tok.start[0]] = tok.string.lstrip("#").strip()
+    return out
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type[BaseModel]) -> dict[str, str]:
+    """field name -> its comment (inline, else the comment lines right above it); the class
+    docstring's first line under the key ''."""
+    module = inspect.getmodule(cls)
+    comments = _comments(module)
+    source = inspect.getsource(module).splitlines()
+    tree = ast.parse("\n".join(source))
+    docs: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
+            doc = ast.get_docstring(node)
+            if doc:
+                docs[""] = doc.splitlines()[0]
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    text = [comments[ln] for ln in range(stmt.lineno, stmt.end_lineno + 1) if ln in comments]
+                    above, ln = [], stmt.lineno - 1
+                    while ln in comments and source[ln - 1].strip().startswith("#"):
+                        above.insert(0, comments[ln])
+                        ln -= 1
+                    docs[stmt.target.id] = " ".join(above + text)
+    return docs
+
+
+def section_class(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):  # X | None, Annotated[...]
+        found = section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def describe(model: BaseModel, indent: int = 0) -> list[str]:
+    """YAML lines of `model`'s values, each key with its default (when it differs) and meaning."""
+    lines, docs, pad = [], field_docs(type(model)), "  " * indent
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        meaning = docs.get(name, "")
+        if isinstance(value, BaseModel):
+            meaning = meaning or field_docs(type(value)).get("", "")
+            lines.append(f"{pad}{name}:" + (f"  # {meaning}" if meaning else ""))
+            lines.extend(describe(value, indent + 1))
+            continue
+        shown = _yaml(value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
+        default = field.get_default(call_default_factory=True)
+        default = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+        note = [] if _same(default, value) else [f"default {_yaml(default)}"]
+        if meaning:
+            note.append(meaning)
+        lines.append(f"{pad}{name}: {shown}" + (f"  # {'; '.join(note)}" if note else ""))
+    return lines
+
+
+def _same(a: Any, b: Any) -> bool:
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def _yaml(value: Any) -> str:
+    import json
+
+    if value is None:
+        return "null"
+    if isinstance(value, (tuple, list, dict, bool)):
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    return str(value)
