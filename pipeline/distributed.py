@@ -1,6 +1,8 @@
 """The only place an Accelerator is built: CPU, one GPU, DDP or multi-node, same code."""
 from __future__ import annotations
 
+import sys
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -64,4 +66,6 @@ def seed_per_rank(accelerator: Accelerator, seed: int) -> None:
 
 
 def show_progress(accelerator: Accelerator, run: RunConfig) -> bool:
-    return accelerator.is_main_process and not run.quiet
+    """Progress bars: on rank 0, unless quiet, and only on a terminal (a log file would keep
+    every redraw); fit prints one line per epoch instead."""
+    return accelerator.is_main_process and not run.quiet and sys.stderr.isatty()

@@ -10,31 +10,67 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _display(img: np.ndarray, rgb: tuple[int, int, int] | None) -> np.ndarray:
-    """[C, H, W] normalised -> [H, W, 3] or [H, W] in 0..1 for imshow (2-98 % stretch)."""
+MASKED = 0.8  # the one colour (light grey) masked patches are drawn in, in every figure
+
+
+def _stretch(img: np.ndarray, rgb: tuple[int, int, int] | None) -> tuple[np.ndarray, float, float]:
+    """[C, H, W] normalised -> the displayed bands and their 2-98 % range."""
     img = img[list(rgb)] if rgb and img.shape[0] >= 3 else img[:1]
-    lo, hi = np.percentile(img, 2), np.percentile(img, 98)
+    return img, float(np.nanpercentile(img, 2)), float(np.nanpercentile(img, 98))
+
+
+def _display(img: np.ndarray, lo: float, hi: float, hidden: np.ndarray | None = None) -> np.ndarray:
+    """Displayed bands [3 or 1, H, W] -> [H, W, 3] or [H, W] in 0..1 for imshow; `hidden` [H, W]
+    pixels (masked patches) in the MASKED colour."""
     img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+    if hidden is not None:
+        img = np.where(hidden[None], MASKED, img)
     return img.transpose(1, 2, 0) if img.shape[0] == 3 else img[0]
 
 
-def reconstruction_grid(images, masked, recon, path: str | Path, title: str = "",
-                        rgb: tuple[int, int, int] | None = None, n: int = 8) -> Path:
-    """Rows: input, masked input, reconstruction. Arrays [B, C, H, W] (numpy)."""
-    n = min(n, len(images))
-    fig, axes = plt.subplots(3, n, figsize=(1.4 * n, 4.6), squeeze=False)
-    for col in range(n):
-        for row, (name, arr) in enumerate((("input", images), ("masked", masked), ("recon", recon))):
-            ax = axes[row, col]
-            ax.imshow(_display(arr[col], rgb), cmap="gray", interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(name)
-    fig.suptitle(title)
-    fig.tight_layout()
+def reconstruction_grid(images, masked, recon, path: str | Path, **kwargs) -> Path:
+    """reconstruction_figure(...) saved as a PNG at `path`."""
+    fig = reconstruction_figure(images, masked, recon, **kwargs)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def reconstruction_figure(images, masked, recon, title: str = "", rgb: tuple[int, int, int] | None = None,
+                          n: int = 8, mask=None, patch_size: int | None = None, channels: list[str] | None = None,
+                          labels: list[str] | None = None):
+    """Rows: input, masked input, reconstruction; arrays [B, C, H, W] (numpy, normalised) -> figure.
+
+    Each column shares one display stretch (the input's 2-98 %), so colours compare across rows.
+    mask [B, L] (1 = masked) with patch_size draws masked patches in one fixed colour (MASKED);
+    channels names the bands shown as R, G, B (or grey) on the figure; labels titles each column.
+    """
+    n = min(n, len(images))
+    fig, axes = plt.subplots(3, n, figsize=(1.4 * n, 4.9), squeeze=False)
+    for col in range(n):
+        shown, lo, hi = _stretch(images[col], rgb)
+        hidden = None
+        if mask is not None and patch_size:
+            side = images.shape[-1] // patch_size
+            grid = np.asarray(mask[col]).reshape(-1, side) > 0.5  # [h, w] patches
+            hidden = grid.repeat(patch_size, 0).repeat(patch_size, 1)
+        for row, (name, arr) in enumerate((("input", images), ("masked", masked), ("recon", recon))):
+            ax = axes[row, col]
+            bands = _stretch(arr[col], rgb)[0]
+            ax.imshow(_display(bands, lo, hi, hidden if name == "masked" else None), cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name)
+            if row == 0 and labels:
+                ax.set_title(labels[col], fontsize=8)
+    if channels:
+        used = [channels[i] for i in rgb] if rgb and len(channels) >= 3 else [channels[0]]
+        bands = f"R, G, B = {', '.join(used)}" if len(used) == 3 else f"grey = {used[0]}"
+        fig.text(0.5, 0.01, f"{bands}; masked patches in light grey", ha="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
 
 
 def confusion_matrix_plot(cm: np.ndarray, classes: list[str], path: str | Path, title: str = "") -> Path:

@@ -17,6 +17,16 @@ class Validation:
     channels: int | None                   # the count every good image is converted to
     stored: Counter = field(default_factory=Counter)       # stored channel count -> good images
     conversions: Counter = field(default_factory=Counter)  # "grey -> 3 channels by ..." -> images
+    sizes: Counter = field(default_factory=Counter)  # (height, width) in pixels -> good images
+
+    def size_summary(self) -> dict | None:
+        """Median, smallest and largest (height, width) of the good images, in pixels."""
+        if not self.sizes:
+            return None
+        hs = sorted(h for (h, _), n in self.sizes.items() for _ in range(n))
+        ws = sorted(w for (_, w), n in self.sizes.items() for _ in range(n))
+        return {"median": [hs[len(hs) // 2], ws[len(ws) // 2]], "min": [hs[0], ws[0]], "max": [hs[-1], ws[-1]],
+                "distinct": len(self.sizes)}
 
 
 def validate_records(records: list[Record], channels: int | None = None, reader_options: dict | None = None,
@@ -28,6 +38,7 @@ def validate_records(records: list[Record], channels: int | None = None, reader_
     stored channels into `channels` (channels.conversion: grey -> N, RGB -> grey).
     """
     stored: dict[int, int] = {}
+    sizes: dict[int, tuple[int, int]] = {}
     bad: list[tuple[Record, str]] = []
     raw = [replace(r, channels=None) for r in records]  # as stored
     for i, rec, img in tqdm(read_records(raw, **(reader_options or {})), total=len(raw), desc="validate",
@@ -35,7 +46,7 @@ def validate_records(records: list[Record], channels: int | None = None, reader_
         if isinstance(img, ReadError):  # readers refuse corrupt, inf-valued and all-nodata images
             bad.append((records[i], str(img)))
         else:
-            stored[i] = img.shape[0]
+            stored[i], sizes[i] = img.shape[0], tuple(img.shape[1:])
     target = channels or max(stored.values(), default=None)
     result = Validation([], bad, target)
     for i, rec in enumerate(records):
@@ -47,6 +58,7 @@ def validate_records(records: list[Record], channels: int | None = None, reader_
             continue
         result.good.append(rec)
         result.stored[stored[i]] += 1
+        result.sizes[sizes[i]] += 1
         if how:
             result.conversions[how] += 1
     return result

@@ -126,7 +126,7 @@ def fit(cfg: Config, task: Task, accelerator: Accelerator, tracker: Tracker) -> 
         if "score" in metrics:
             best.update(metrics.pop("score"), epoch)  # identical on every rank: metrics are gathered
         tracker.log_metrics(metrics, step=epoch)
-        if progress:
+        if acc.is_main_process and not cfg.run.quiet:  # one line per epoch, terminal or log file
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             print(f"{task.name} epoch {epoch}/{task.epochs}  {shown}", flush=True)
         state.start_epoch(epoch + 1)

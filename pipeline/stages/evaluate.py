@@ -8,7 +8,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from pipeline.config import Config, stage_dir
-from pipeline.data.manifest import load_manifest, select
+from pipeline.data.manifest import load_dataset_info, load_manifest, select
 from pipeline.data.splits import split_counts
 from pipeline.distributed import show_progress
 from pipeline.engine.loaders import make_loader
@@ -41,6 +41,9 @@ def evaluate(cfg: Config, prepared: Path, classifier_dir: Path, accelerator: Acc
         out = stage_dir(cfg, name)
         out.mkdir(parents=True, exist_ok=True)
         tracker.log_params({"classifier": str(classifier_dir), "split": split, "n_images": m["n"]})
+        info = load_dataset_info(prepared)
+        tracker.log_dataset(prepared / "manifest.csv", cfg.data.name, info["dataset_hash"],
+                            "test" if split == "test" else "validation" if split == "val" else split, split)
         # class names as written (metric keys MLflow refuses are renamed by the tracker, which
         # maps them back in its mimflow.renamed_keys tag; metrics.json keeps the original keys)
         tracker.set_tags({"classes": json.dumps(classes)})

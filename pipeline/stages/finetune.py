@@ -114,6 +114,8 @@ def finetune(cfg: Config, prepared: Path, encoder_dir: Path | None, accelerator:
     dataset = SeededAugmentation(make_dataset(cfg, train_recs, stats, train=True, read_fn=read_fn), cfg.run.seed)
     val_loader = accelerator.prepare(make_loader(make_dataset(cfg, select(records, "val"), stats, train=False),
                                                  cfg.evaluate.batch_size, cfg, train=False))
+    for context, split in (("training", "train"), ("validation", "val")):
+        tracker.log_dataset(prepared / "manifest.csv", cfg.data.name, info["dataset_hash"], context, split)
     tracker.log_params({"finetune.init_resolved": str(encoder_dir or "scratch"), "finetune.teacher": str(teacher_dir),
                         "train_images": len(train_recs)})
     task = Task(name=name, prefix="finetune", model=model, dataset=dataset,

@@ -289,6 +289,7 @@ def _build(cfg: Config, out: Path) -> dict:
     info.update(channels=stats["channels"], units=stats["units"], card_channels=card, prepare_settings=settings(cfg),
                 dataset_hash=dataset_hash(out / "manifest.csv"), quarantined=len(v.bad),
                 conversions=dict(v.conversions), split_counts=counts, duplicates=_duplicates(listed, classes),
+                image_size=v.size_summary(),
                 counts={s: len(select(records, s)) for s in ("unlabelled", *SPLIT_NAMES)})
     (out / "dataset.json").write_text(json.dumps(info, indent=2))
     print(_summary(v, counts, info, cfg, out, notes))
@@ -297,7 +298,7 @@ def _build(cfg: Config, out: Path) -> dict:
 
 def prepare(cfg: Config, accelerator: Accelerator, tracker: Tracker) -> Path:
     """-> folder with manifest.csv, dataset.json, stats.json, quarantine.csv (built once, on rank 0)."""
-    out = Path(cfg.data.root) / cfg.data.dataset
+    out = Path(cfg.data.root) / cfg.data.name
     if accelerator.is_main_process:
         info = _build(cfg, out)
         tracker.log_params({"dataset": cfg.data.dataset, "dataset_hash": info["dataset_hash"],

@@ -53,8 +53,29 @@ def _objective_loss(model, batch) -> dict:
     return {"loss": out["loss"], **out["metrics"]}
 
 
+def shown_tiles(cfg: Config, records, pool, stats: dict, classes: list[str]) -> tuple[torch.Tensor, list[str] | None]:
+    """The 8 tiles every reconstruction figure shows -> (images [n, C, H, W] normalised and
+    resized as evaluation does, their class names or None): one class after another when the
+    data has labels (the pool usually has none), else the pool's first."""
+    labelled = [r for r in select(records, "train") if isinstance(r.label, int) and r.label >= 0]
+    if labelled:
+        by_class: dict[int, list] = {}
+        for r in labelled:
+            by_class.setdefault(r.label, []).append(r)
+        picked = []
+        while len(picked) < 8 and any(by_class.values()):
+            for k in sorted(by_class):
+                if by_class[k] and len(picked) < 8:
+                    picked.append(by_class[k].pop(0))
+        names = [classes[r.label] if r.label < len(classes) else str(r.label) for r in picked]
+    else:
+        picked, names = pool[:8], None
+    data = make_dataset(cfg, picked, stats, train=False)
+    return torch.stack([data[i][0] for i in range(len(picked))]), names
+
+
 def _reconstructions(cfg: Config, objective: ObjectiveSpec, images: torch.Tensor, masks, out: Path,
-                     tracker: Tracker):
+                     tracker: Tracker, channels: list[str], labels: list[str] | None):
     """Epoch-end hook: a reconstruction grid of the same tiles and masks every recon_every_epochs."""
     p = cfg.pretrain
 
@@ -71,10 +92,12 @@ def _reconstructions(cfg: Config, objective: ObjectiveSpec, images: torch.Tensor
         if end.accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             rgb = (2, 1, 0) if images.shape[1] >= 3 else None  # bands 3-2-1 ~ true colour for Landsat
+            patch = objective.encoder(model).patch_embed.patch_size[0]
             path = reconstruction_grid(images.numpy(), r["masked"].cpu().numpy(), r["recon"].cpu().numpy(),
-                                       out / f"recon_epoch{end.epoch:03d}.png", rgb=rgb,
+                                       out / f"recon_epoch{end.epoch:03d}.png", rgb=rgb, mask=r["mask"].cpu().numpy(),
+                                       patch_size=patch, channels=channels, labels=labels,
                                        title=f"{objective.name}, epoch {end.epoch}: input / masked / reconstruction "
-                                             f"(loss of these tiles {r['loss']:.3f})")
+                                             f"(loss of these {len(images)} tiles: {r['loss']:.3f})")
             tracker.log_artifact(path, "reconstructions")
         return {}
 
@@ -92,16 +115,17 @@ def pretrain(cfg: Config, prepared: Path, accelerator: Accelerator, tracker: Tra
     masks = mask_fn(cfg, model, objective)
     read_fn = cached_read_fn(cfg, pool, accelerator)  # epochs after the first decode nothing
     dataset = SeededAugmentation(make_dataset(cfg, pool, stats, train=True, read_fn=read_fn), cfg.run.seed, masks)
-    shown = [dataset[i] for i in range(min(8, len(dataset)))]  # epoch 0: the same tiles in every grid
+    shown, labels = shown_tiles(cfg, records, pool, stats, info.get("classes") or [])  # the same in every grid
     rng = np.random.default_rng(cfg.run.seed)
     shown_masks = torch.from_numpy(np.stack([masks(rng) for _ in shown])) if masks else None
     out = stage_dir(cfg, "pretrain")
     tracker.log_params({"pretrain.init_resolved": str(init), "pool_size": len(pool)})
+    tracker.log_dataset(prepared / "manifest.csv", cfg.data.name, info["dataset_hash"], "training", pool[0].split)
     task = Task(name="pretrain", prefix="pretrain", model=model, dataset=dataset, loss=_objective_loss,
                 epochs=p.epochs, batch_size_per_device=p.batch_size_per_device, optimizer=p.optimizer,
                 log_every_steps=p.log_every_steps, sections=("run", "data", "model", "pretrain"),
-                on_epoch_end=_reconstructions(cfg, objective, torch.stack([s[0] for s in shown]), shown_masks,
-                                              out, tracker))
+                on_epoch_end=_reconstructions(cfg, objective, shown, shown_masks, out, tracker,
+                                              stats["channels"], labels))
     fitted = fit(cfg, task, accelerator, tracker)
 
     unwrapped = accelerator.unwrap_model(fitted.model)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, Schema
 
 from pipeline.config import Config
 from pipeline.data.manifest import load_manifest, read_record, select
@@ -19,13 +18,33 @@ class RegisterRefused(ValueError):
 
 
 def _signature(meta: dict) -> ModelSignature:
-    # any H, W: the model resizes to its img_size as evaluation does
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["in_chans"], -1, -1))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["num_classes"]))]))
+    """Outputs: one float column per class. Inputs are checked by the model itself (pyfunc_model:
+    [N, C, H, W] or [C, H, W], numeric, C = the channels, any H, W): MLflow's own input-schema
+    check would answer a wrong input by printing the whole input back (in process and over HTTP);
+    the expected input is stated in the model's metadata and description instead."""
+    return ModelSignature(inputs=None, outputs=Schema([ColSpec("float", name) for name in meta["classes"]]))
 
 
-def register(cfg: Config, prepared: Path, classifier_dir: Path, tracker: Tracker) -> str:
-    """Rank 0 only. -> `models:/<name>@<alias>`; the version is tagged with its lineage."""
+def describe(meta: dict, data_name: str, metrics: dict | None) -> str:
+    """The model version's description: what it is, on what, how good, made by which runs."""
+    lines = [f"{meta['backbone']} classifier ({meta.get('head', 'linear')} head) of {len(meta['classes'])} classes "
+             f"on {data_name} ({meta['in_chans']} channels: {', '.join(meta['channels'])}; "
+             f"{meta['img_size']} x {meta['img_size']} px input, raw units; resized as evaluation does).",
+             f"Classes: {', '.join(meta['classes'])}.",
+             f"Initialised from: {meta.get('init')}; best epoch {meta.get('best_epoch')} by validation balanced "
+             f"accuracy {meta.get('val_balanced_accuracy', float('nan')):.4f}."]
+    if metrics:
+        lines.append("Test metrics: " + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()
+                                                   if "/auroc_" not in k) + ".")
+    lines.append(f"Runs: fine-tune {meta.get('finetune_run_id')}, pretrain {meta.get('pretrain_run_id') or 'none'}; "
+                 f"dataset hash {str(meta.get('dataset_hash'))[:16]}.")
+    return "\n".join(lines)
+
+
+def register(cfg: Config, prepared: Path, classifier_dir: Path, tracker: Tracker, metrics: dict | None = None,
+             evaluate_run_id: str | None = None) -> str:
+    """Rank 0 only. -> `models:/<name>@<alias>`; the version is tagged with its lineage and
+    described (metrics: the test metrics evaluate logged, when known)."""
     meta = verify_weights(classifier_dir)  # the weights registered are the ones fine-tuning wrote
     unseen = [c for c, n in meta.get("train_class_counts", {}).items() if n == 0]
     if unseen and not cfg.register.allow_missing_classes:
@@ -40,8 +59,14 @@ def register(cfg: Config, prepared: Path, classifier_dir: Path, tracker: Tracker
                "dataset_hash": meta.get("dataset_hash"), "init": meta.get("init"),
                "backbone": meta["backbone"], "head": meta.get("head", "linear"),
                "classes": ",".join(meta["classes"]), "channels": ",".join(meta["channels"])}
+    schema = {"classes": meta["classes"], "channels": meta["channels"], "img_size": meta["img_size"]}
     version = register_classifier(classifier_dir, name, cfg.register.alias, _signature(meta), example, lineage,
-                                  metadata={"classes": meta["classes"], "channels": meta["channels"]},
-                                  weights_sha256=meta["weights_sha256"])
+                                  metadata={"classes": meta["classes"], "channels": meta["channels"],
+                                            "input": f"raw images [N, {meta['in_chans']}, H, W] (or one "
+                                                     f"[{meta['in_chans']}, H, W]), any numeric dtype and size"},
+                                  weights_sha256=meta["weights_sha256"], schema=schema,
+                                  allow_schema_change=cfg.register.allow_schema_change,
+                                  description=describe(meta, cfg.data.name, metrics),
+                                  linked_runs={"output": meta.get("finetune_run_id"), "input": evaluate_run_id})
     tracker.set_tags({"registered_model": f"{name}/{version}"})
     return f"models:/{name}@{cfg.register.alias}"

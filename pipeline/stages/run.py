@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipeline.config import Config, save_config, stage_dir
+from pipeline.config import Config, config_from_dict, flatten, save_config, stage_dir
 from pipeline.data.manifest import load_manifest, select
 from pipeline.distributed import make_accelerator
 from pipeline.engine.checkpoint import CheckpointDir
+from pipeline.engine.state import config_differences
 from pipeline.fsutil import atomic_write_text, folder_lock
 from pipeline.models.backbones import backbone_spec
-from pipeline.stages.common import block_names
+from pipeline.stages.common import block_names, resolve_geometry
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.finetune import finetune, teacher_config
 from pipeline.stages.prepare import prepare, verify_prepared
@@ -29,7 +30,7 @@ from pipeline.stages.pretrain import pretrain
 from pipeline.stages.register import register
 from pipeline.tracking.artifacts import fetch
 from pipeline.tracking.runs import tracked_run
-from pipeline.weights import verify_weights
+from pipeline.weights import read_meta, verify_weights
 
 
 def log_config(cfg: Config, tracker) -> None:
@@ -61,8 +62,11 @@ class StageRuns:
     checkpoint.resume=never: always new runs.
     """
 
-    def __init__(self, cfg: Config, acc, pipeline: bool):
+    def __init__(self, cfg: Config, acc, pipeline: bool, timings: dict | None = None):
         self.cfg, self.acc, self.pipeline = cfg, acc, pipeline
+        self.timings = timings if timings is not None else {}  # stage -> wall seconds, this command
+        self.start = time.time()
+        self.final: dict | None = None
         self.resume = cfg.checkpoint.resume != "never"
         self.parent_path = Path(cfg.run.output_dir) / cfg.run.name / RECORD
         rec = _read(self.parent_path) if pipeline and self.resume else None
@@ -81,7 +85,16 @@ class StageRuns:
             self.parent_id = t.run_id
             self._write(self.parent_path, {"run_id": t.run_id, "status": "running"})
             yield t
-            self._write(self.parent_path, {"run_id": t.run_id, "status": "finished"})
+            self._write(self.parent_path, {"run_id": t.run_id, "status": "finished", **(self.final or {})})
+
+    def run_id_of(self, name: str) -> str | None:
+        """The MLflow run id a stage of this run recorded."""
+        return (_read(stage_dir(self.cfg, name) / RECORD) or {}).get("run_id")
+
+    def finish(self, asked: dict, summary: dict) -> None:
+        """What the parent's record keeps when it finishes: the config as asked (to know a repeat)
+        and the summary (to report it without redoing anything)."""
+        self.final = {"requested_config": asked, "summary": summary}
 
     def stage(self, name: str, tags: dict, fn: Callable, collective: bool = True,
               verify: Callable[[object], None] | None = None):
@@ -108,11 +121,16 @@ class StageRuns:
                     CheckpointDir(stage_dir(self.cfg, name) / "checkpoints").reopen()
         if collective:
             self.acc.wait_for_everyone()  # all ranks have read the record before it changes
+        began = time.time()
         with tracked_run(self.cfg.tracking, self.acc.is_main_process, name, tags, run_id=run_id) as t:
             record = {"run_id": t.run_id, "parent_run_id": self.parent_id, "status": "running"}
             self._write(path, record)
             result = fn(t)
             self._write(path, {**record, "status": "finished", "result": result})
+        self.timings[name] = time.time() - began
+        if self.acc.is_main_process and not self.cfg.run.quiet:
+            print(f"{name}: {self.timings[name] / 60:.1f} min (this command so far {(time.time() - self.start) / 60:.1f} "
+                  "min)", flush=True)
         return result
 
 
@@ -182,6 +200,59 @@ def run_lock(cfg: Config, acc) -> Iterator[None]:
         yield
 
 
+def claim_run(cfg: Config, say: bool) -> tuple[Config, dict | None]:
+    """Which run this command is: the same name when it is new, was killed, or finished with the
+    same config (-> its recorded summary: nothing to do); a suffixed name (`name-2`, ...) when a
+    run of that name finished with another config, said with the keys and both values.
+    checkpoint.resume=never always reuses the name and does the run again."""
+    if cfg.checkpoint.resume == "never":
+        return cfg, None
+    asked, base = cfg.to_dict(), cfg.run.name
+    first = None
+    for k in range(1, 1000):
+        name = base if k == 1 else f"{base}-{k}"
+        rec = _read(Path(cfg.run.output_dir) / name / RECORD)
+        candidate = {**asked, "run": {**asked["run"], "name": name}}
+        if rec is None or rec.get("status") != "finished":
+            break  # new, or killed: continue it (a changed config is refused at its checkpoints)
+        diff = config_differences(rec.get("requested_config", {}), candidate)
+        if not diff:
+            return (cfg if k == 1 else _renamed(cfg, name)), rec.get("summary")
+        first = first or (name, rec, diff)
+    if first is None:
+        return cfg, None
+    old, rec, diff = first
+    if say:
+        saved, now = flatten(rec.get("requested_config", {})), flatten(asked)
+        changes = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:8])
+        print(f"run {old!r} finished with another config ({changes}); this is run {name!r} "
+              "(checkpoint.resume=never would redo the old one instead)", flush=True)
+    return _renamed(cfg, name), None
+
+
+def _renamed(cfg: Config, name: str) -> Config:
+    tree = cfg.to_dict()
+    tree["run"]["name"] = name
+    return config_from_dict(tree, "the renamed run's config")
+
+
+def choose_arm(cfg: Config, classifiers: dict[str, Path], say: bool) -> str:
+    """The arm `mimflow run` registers (register.arm), said with the reason."""
+    keys = [a.key for a in arms(cfg)]
+    if cfg.register.arm != "best_val" or len(keys) == 1:
+        chosen = cfg.register.arm if cfg.register.arm in keys else keys[0]
+        return chosen
+    score = {k: read_meta(classifiers[k]).get("val_balanced_accuracy", float("-inf")) for k in keys}
+    chosen = max(keys, key=lambda k: score[k])  # ties: the first arm, finetune.init's
+    if say:
+        other = [k for k in keys if k != chosen]
+        print(f"register: the {chosen} classifier (validation balanced accuracy {score[chosen]:.3f} vs "
+              + ", ".join(f"{score[k]:.3f} for {k}" for k in other)
+              + "); one split and one seed cannot tell small differences apart: `mimflow sweep` measures "
+              "them with intervals", flush=True)
+    return chosen
+
+
 def run_pipeline(cfg: Config) -> dict:
     """prepare -> pretrain -> (teacher) -> finetune (-> scratch baseline) -> evaluate -> register."""
     start = time.time()
@@ -189,17 +260,25 @@ def run_pipeline(cfg: Config) -> dict:
         raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r}: a checkpoint path is for one stage "
                          "(mimflow pretrain / finetune); mimflow run resumes with auto")
     acc = make_accelerator(cfg.run, block_names(cfg))
-    summary: dict = {}
+    asked = cfg.to_dict()
+    cfg, done = claim_run(cfg, acc.is_main_process)
+    if done is not None:
+        if acc.is_main_process:
+            print(f"run {cfg.run.name!r} finished before with this config (MLflow run {done.get('parent_run_id')}); "
+                  "nothing to do (checkpoint.resume=never does it again)", flush=True)
+        return {**done, "already_done": True}
+    summary: dict = {"stage_seconds": {}}
     with run_lock(cfg, acc):
-        return _run_stages(cfg, acc, summary, start)
+        return _run_stages(cfg, acc, summary, start, asked)
 
 
-def _run_stages(cfg: Config, acc, summary: dict, start: float) -> dict:
-    runs = StageRuns(cfg, acc, pipeline=True)
+def _run_stages(cfg: Config, acc, summary: dict, start: float, asked: dict) -> dict:
+    runs = StageRuns(cfg, acc, pipeline=True, timings=summary["stage_seconds"])
     with runs.parent({"mimflow.stage": "run"}) as parent:
         log_config(cfg, parent)
         prepared = Path(runs.stage("prepare", {"mimflow.stage": "prepare"}, lambda t: str(prepare(cfg, acc, t)),
                                    verify=lambda result: verify_prepared(Path(result))))
+        cfg = runs.cfg = resolve_geometry(cfg, prepared, say=acc.is_main_process)
         encoder = None
         if cfg.finetune.init == "pretrained":
             def _pretrain(t):
@@ -209,6 +288,7 @@ def _run_stages(cfg: Config, acc, summary: dict, start: float) -> dict:
         if not select(load_manifest(prepared / "manifest.csv"), "train"):
             # An unlabelled-only data set: pretraining is the job; its encoder is the product.
             summary.update(encoder=str(encoder), parent_run_id=parent.run_id, seconds=time.time() - start)
+            runs.finish(asked, summary)
             return summary
         teacher = None
         source = teacher_source(cfg)
@@ -217,17 +297,26 @@ def _run_stages(cfg: Config, acc, summary: dict, start: float) -> dict:
                                                              TEACHER, None, None)
         elif source != "none":
             teacher = fetch(source, "classifier", cfg.tracking)
-        classifiers = {}
-        for arm in arms(cfg):
+        classifiers, todo = {}, arms(cfg)
+        for i, arm in enumerate(todo):
             init = resolve_init(cfg, encoder) if arm.key == "pretrained" else None
             classifiers[arm.key], summary[arm.key] = train_and_evaluate(cfg, runs, acc, prepared, arm, init, teacher)
-        chosen = arms(cfg)[0].key
+            took = runs.timings.get(arm.finetune, 0) + runs.timings.get(arm.evaluate, 0)
+            if i + 1 < len(todo) and took and acc.is_main_process and not cfg.run.quiet:
+                print(f"about {took * (len(todo) - i - 1) / 60:.1f} min left ({len(todo) - i - 1} more classifier(s) "
+                      "like this one, then register)", flush=True)
+        chosen = choose_arm(cfg, classifiers, acc.is_main_process)
         if acc.is_main_process:
+            scored_by = runs.run_id_of(next(a.evaluate for a in arms(cfg) if a.key == chosen))
             summary["model_uri"] = runs.stage("register", {"mimflow.stage": "register"},
-                                              lambda t: register(cfg, prepared, classifiers[chosen], t),
+                                              lambda t: register(cfg, prepared, classifiers[chosen], t,
+                                                                 metrics=summary[chosen], evaluate_run_id=scored_by),
                                               collective=False)
             parent.log_metrics(summary[chosen])
+            parent.set_tags({"mimflow.registered_arm": chosen})
             summary["parent_run_id"] = parent.run_id
         summary["registered_arm"] = chosen
-    summary["seconds"] = time.time() - start
+        summary["seconds"] = time.time() - start
+        summary["run_name"] = cfg.run.name
+        runs.finish(asked, summary)
     return summary

@@ -17,7 +17,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -86,6 +86,14 @@ class MlflowTracker:
     def log_artifacts(self, directory, artifact_path=None) -> None:
         # stage outputs (encoder/, classifier/) stay in place: delivered from where they are
         self._put({"op": "artifacts", "path": str(directory), "artifact_path": artifact_path})
+
+    def log_dataset(self, manifest, name: str, digest: str, context: str, split: str) -> None:
+        """The rows of `split` of the prepared manifest as an MLflow dataset input of this run (the
+        UI's Dataset column): named "<name> (<split>)", digest = the dataset hash, context =
+        training | validation | test. (MLflow keeps one input per dataset and run, so each split
+        is a dataset of its own.)"""
+        entity = manifest_dataset(Path(manifest), f"{name} ({split})", digest, split)
+        self._put({"op": "inputs", "dataset": entity, "context": context})
 
     # -- checkpoints, flushing ------------------------------------------------------------------
     def pending(self) -> list[dict]:
@@ -225,6 +233,9 @@ def deliver(client: MlflowClient, run_id: str, batch: list[dict]) -> None:
             shutil.rmtree(Path(op["path"]).parent, ignore_errors=True)
     elif kind == "artifacts":
         client.log_artifacts(run_id, op["path"], op["artifact_path"])
+    elif kind == "inputs":
+        tags = [InputTag("mlflow.data.context", op["context"])]
+        client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**op["dataset"]), tags=tags)])
     else:
         raise ValueError(f"unknown tracker call {kind!r}")
 
@@ -250,3 +261,20 @@ def log_entries(client: MlflowClient, run_id: str, kind: str, entries: list) -> 
         else:
             log(f"MLflow refused {kind[:-1]} {entries[0].key!r} for run {run_id}, dropped: "
                 f"{str(err).splitlines()[0][:300]}")
+
+
+def manifest_dataset(manifest: Path, name: str, digest: str, split: str) -> dict:
+    """An MLflow Dataset entity of a manifest's `split` rows, as a JSON-able dict (queued ops go
+    into checkpoints). MLflow stores digests of at most 36 characters: the hash's first 16."""
+    import warnings
+
+    import mlflow.data
+    import pandas as pd
+
+    rows = pd.read_csv(manifest)
+    with warnings.catch_warnings():  # source-type ambiguity and integer-column hints: not ours to fix
+        warnings.simplefilter("ignore")
+        entity = mlflow.data.from_pandas(rows[rows["split"] == split], source=str(manifest.resolve()), name=name,
+                                         digest=digest[:16])._to_mlflow_entity()
+    return {"name": entity.name, "digest": entity.digest, "source_type": entity.source_type,
+            "source": entity.source, "schema": entity.schema, "profile": entity.profile}

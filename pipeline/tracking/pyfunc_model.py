@@ -1,20 +1,18 @@
 """The registered model (logged *from code*, never cloudpickled).
 
 predict() takes raw, unnormalised images [N, C, H, W] (or one [C, H, W]) in the units the data
-came in, applies the saved channel statistics and the evaluation resize itself and returns class
-probabilities [N, K].
+came in, applies the saved channel statistics and the evaluation resize itself, and returns the
+class probabilities as a table with one column per class name (rows sum to 1). Its input checks
+run before anything else: a wrong channel count, rank or dtype is refused with a message saying
+what was expected (the signature leaves C open so that this message, not a dump of the input, is
+what a caller sees).
 """
 from __future__ import annotations
 
-import warnings
-
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.pyfunc import PythonModel
-
-# Shapes and dtypes are checked against the logged TensorSpec signature and by _validate below;
-# MLflow's type-hint validation does not describe [N, C, H, W] tensors.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class MimflowClassifier(PythonModel):
@@ -44,13 +42,16 @@ class MimflowClassifier(PythonModel):
             raise ValueError(f"expected a numeric image array, got dtype {x.dtype}")
         return x.astype(np.float32)
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
+        """model_input: raw images [N, C, H, W] or [C, H, W], any numeric dtype, any H, W ->
+        probabilities [N, K] as a DataFrame whose columns are the class names."""
         x = self.normalize(self._validate(model_input))  # [N, C, H, W]
         if x.shape[2:] != (self.meta["img_size"],) * 2:
             x = np.stack([self.resize(image=i.transpose(1, 2, 0))["image"].transpose(2, 0, 1) for i in x])
         with self.torch.no_grad():
             logits = self.model(self.torch.from_numpy(x))
-        return self.torch.softmax(logits, dim=1).numpy().astype(np.float32)
+        probs = self.torch.softmax(logits, dim=1).numpy().astype(np.float32)
+        return pd.DataFrame(probs, columns=self.meta["classes"])
 
 
 mlflow.models.set_model(MimflowClassifier())

@@ -58,16 +58,25 @@ def setup(cfg: TrackingConfig) -> str:
     return exp_id
 
 
+# MLflow 3's UI opens an experiment by its kind; without the tag it guesses, and shows a GenAI
+# overview to a model-training experiment
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(cfg: TrackingConfig) -> str:
-    """The experiment's id, creating it when missing (another process may create it meanwhile)."""
+    """The experiment's id, creating it when missing (another process may create it meanwhile),
+    marked as a model-training experiment."""
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:
+            for key, value in EXPERIMENT_KIND.items():
+                MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if cfg.artifact_location and not cfg.uri.startswith(("http://", "https://")):
         location = Path(cfg.artifact_location).resolve().as_uri()
     try:
-        return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+        return mlflow.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -31,7 +31,7 @@ def assert_registered_model_reproduces_evaluate(client, tmp, prepared, model_nam
     images, labels, _ = held_out(prepared)
     probs = model.predict(images.astype(np.float32))
     assert probs.shape == (len(labels), 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
-    accuracy = float((probs.argmax(1) == labels).mean())
+    accuracy = float((probs.to_numpy().argmax(1) == labels).mean())
     assert accuracy == pytest.approx(evaluate_run.data.metrics["test/accuracy"], abs=1e-6)
 
 

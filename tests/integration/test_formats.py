@@ -108,7 +108,7 @@ def test_mixed_folder_keeps_every_class_and_reports_per_class(tmp_path):
     root = mixed_folder(tmp_path / "mixed")
     proc, client = _run("dicom_tiny.yaml", tmp_path, f"data.options.root={root}", "register.model_name=mixed-tiny")
     assert "registered model: models:/mixed-tiny@candidate" in proc.stdout
-    prepared = tmp_path / "data" / "imagefolder"
+    prepared = tmp_path / "data" / root.name  # prepared data is named after the folder
     info = json.loads((prepared / "dataset.json").read_text())
     assert info["quarantined"] == 0 and len(info["channels"]) == 3
     assert all(n[s]["images"] for n in info["split_counts"].values() for s in ("train", "val", "test"))
@@ -126,7 +126,7 @@ def test_dicom_folder_with_bad_files_quarantined(tmp_path):
     root = _dicom_folder(tmp_path / "dicom")
     proc, client = _run("dicom_tiny.yaml", tmp_path, f"data.options.root={root}")
     assert "registered model: models:/dicom-tiny@candidate" in proc.stdout
-    prepared = tmp_path / "data" / "imagefolder"
+    prepared = tmp_path / "data" / root.name
     quarantine = (prepared / "quarantine.csv").read_text()
     quarantined = {Path(line.split(",")[0]).name for line in quarantine.splitlines()[1:]}
     # ours, plus any real sample pydicom-data ships broken on purpose (a truncated MR)

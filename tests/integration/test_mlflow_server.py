@@ -24,10 +24,18 @@ def test_pipeline_over_http_and_load_candidate(mlflow_server, tmp_path):
     finally:
         mlflow.set_tracking_uri(None)
     assert probs.shape == (len(labels), 4)
-    accuracy = float((probs.argmax(1) == labels).mean())
+    accuracy = float((probs.to_numpy().argmax(1) == labels).mean())
     assert accuracy == pytest.approx(runs["evaluate"].data.metrics["test/accuracy"], abs=1e-6)
     version = client.get_model_version_by_alias("landsat-http", "candidate")
     assert version.tags["finetune_run_id"] == runs["finetune"].info.run_id
+    assert list(probs.columns)[0] == "developed"  # outputs named by class
+    # what the UI shows, read from the server: a model-training experiment, datasets, model links
+    assert client.get_experiment_by_name("mimflow").tags["mlflow.experimentKind"] == "custom_model_development"
+    contexts = {t.value for i in client.get_run(runs["finetune"].info.run_id).inputs.dataset_inputs
+                for t in i.tags if t.key == "mlflow.data.context"}
+    assert contexts == {"training", "validation"}
+    made = client.get_run(runs["finetune"].info.run_id).outputs.model_outputs
+    assert made and made[0].model_id == client.get_run(runs["evaluate"].info.run_id).inputs.model_inputs[0].model_id
 
 
 def test_unreachable_server_is_named_at_start(tmp_path):
