@@ -74,15 +74,15 @@ def is_transient(err: BaseException) -> bool:
     return not isinstance(err, (FileNotFoundError, ValueError, TypeError, KeyError))
 
 
-def retrying(fn: Callable, what: str, timeout_s: float, max_backoff_s: float = 30.0):
+def retrying(fn: Callable, what: str, timeout_s: float, max_backoff_s: float = 30.0, uri: str | None = None):
     """fn() until it succeeds, retrying transient errors with backoff for up to timeout_s; a local
-    store problem raises LocalStoreError at once."""
+    store problem raises LocalStoreError at once (naming `uri`, the store)."""
     deadline, backoff, warned = time.monotonic() + timeout_s, 0.5, False
     while True:
         try:
             return fn()
         except Exception as err:
-            local = local_error(err)
+            local = local_error(err, uri)
             if local is not None:
                 raise local from err
             if not is_transient(err) or time.monotonic() + backoff > deadline:

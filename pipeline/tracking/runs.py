@@ -52,7 +52,7 @@ def setup(cfg: TrackingConfig) -> str:
     mlflow.set_tracking_uri(cfg.uri)
     with _store_lock(cfg.uri):
         exp_id = retrying(lambda: _experiment_id(cfg), f"opening MLflow store {cfg.uri}", cfg.flush_timeout_s,
-                          cfg.retry_max_backoff_s)
+                          cfg.retry_max_backoff_s, uri=cfg.uri)
     mlflow.set_experiment(experiment_id=exp_id)
     replay_backlog(cfg)
     return exp_id

@@ -39,7 +39,8 @@ def class_folders(root: Path, per_class: int = 10) -> Path:
 def prepare_args(tmp: Path, k: int, root: Path) -> list[str]:
     return ["prepare", "data.dataset=imagefolder", f"data.options={{root: {root}, split_fractions: [0.5, 0.25, 0.25]}}",
             f"data.root={tmp / f'data{k}'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-            f"tracking.artifact_location={tmp / 'art'}", f"tracking.backlog_dir={tmp / 'backlog'}", "run.quiet=true"]
+            f"tracking.artifact_location={tmp / 'art'}", f"tracking.backlog_dir={tmp / 'backlog'}", "run.quiet=true",
+            f"run.name=first{k}"]  # four runs on one store (one run has one writer at a time)
 
 
 def test_four_prepares_at_once_on_a_fresh_sqlite_store(tmp_path):
