@@ -104,10 +104,23 @@ def _link(client: MlflowClient, model_id: str | None, runs: dict) -> None:
     """Show the logged model in the runs that made and scored it (MLflow 3's run-model links)."""
     if not model_id:
         return
-    if runs.get("output"):
-        client.log_outputs(runs["output"], [LoggedModelOutput(model_id, step=0)])
-    if runs.get("input"):
-        client.log_inputs(runs["input"], models=[LoggedModelInput(model_id)])
+    for role, run_id in runs.items():
+        if not run_id:
+            continue
+        try:
+            client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            # A classifier trained against another store (or a deleted run): its lineage tags still
+            # name the run; only the clickable link cannot be drawn here.
+            print(f"register: run {run_id} is not in this tracking store; the model is not linked to it "
+                  "(its id stays in the version's tags)", flush=True)
+            continue
+        if role == "output":
+            client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+        else:
+            client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
 
 def pip_requirements() -> list[str]:

@@ -221,7 +221,7 @@ def test_augmentations_depend_on_seed_epoch_and_index_only(prepared_landsat):
     from pipeline.data.stats import load_stats
     from pipeline.stages.common import make_dataset
 
-    cfg = load_config(None)
+    cfg = load_config(None, ["model.img_size=16", "model.patch_size=4"])  # sizes are left to the data by default
     pool = select(load_manifest(prepared_landsat / "manifest.csv"), "unlabelled")[:24]
     ds = SeededAugmentation(make_dataset(cfg, pool, load_stats(prepared_landsat / "stats.json"), train=True), 0)
     ds.set_epoch(1)
@@ -246,7 +246,7 @@ def test_activation_checkpointing_saves_memory_not_gradients(kind):
     from pipeline.config import load_config
     from pipeline.stages.pretrain import build_mim_model
 
-    cfg = load_config(None, ["model.backbone=vit_debug", "model.patch_size=4"])
+    cfg = load_config(None, ["model.backbone=vit_debug", "model.img_size=16", "model.patch_size=4"])
 
     def build():
         torch.manual_seed(0)
