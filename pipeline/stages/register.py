@@ -10,6 +10,7 @@ from mlflow.types import Schema, TensorSpec
 from pipeline.config import Config
 from pipeline.data.manifest import load_manifest, read_record, select
 from pipeline.tracking.base import Tracker
+from pipeline.tracking.outputs import output_schema, task_metadata, task_tags
 from pipeline.tracking.registry import register_classifier
 from pipeline.weights import verify_weights
 
@@ -21,7 +22,7 @@ class RegisterRefused(ValueError):
 def _signature(meta: dict) -> ModelSignature:
     # any H, W: the model resizes to its img_size as evaluation does
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["in_chans"], -1, -1))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["num_classes"]))]))
+                          outputs=output_schema(meta))  # by task (tracking/outputs.py)
 
 
 def register(cfg: Config, prepared: Path, classifier_dir: Path, tracker: Tracker) -> str:
@@ -39,9 +40,10 @@ def register(cfg: Config, prepared: Path, classifier_dir: Path, tracker: Tracker
                "teacher_run_id": meta.get("teacher_run_id") or "none",
                "dataset_hash": meta.get("dataset_hash"), "init": meta.get("init"),
                "backbone": meta["backbone"], "head": meta.get("head", "linear"),
-               "classes": ",".join(meta["classes"]), "channels": ",".join(meta["channels"])}
+               "classes": ",".join(meta["classes"]), "channels": ",".join(meta["channels"]), **task_tags(meta)}
+    metadata = {"classes": meta["classes"], "channels": meta["channels"], **task_metadata(meta)}
     version = register_classifier(classifier_dir, name, cfg.register.alias, _signature(meta), example, lineage,
-                                  metadata={"classes": meta["classes"], "channels": meta["channels"]},
+                                  metadata=metadata,
                                   weights_sha256=meta["weights_sha256"])
     tracker.set_tags({"registered_model": f"{name}/{version}"})
     return f"models:/{name}@{cfg.register.alias}"

@@ -2,7 +2,8 @@
 
 predict() takes raw, unnormalised images [N, C, H, W] (or one [C, H, W]) in the units the data
 came in, applies the saved channel statistics and the evaluation resize itself and returns class
-probabilities [N, K].
+probabilities [N, K]; a multi-label classifier returns per-label probabilities and the predicted
+label sets (tracking/outputs.py).
 """
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ class MimflowClassifier(PythonModel):
 
         from pipeline.data.stats import Normalizer
         from pipeline.data.transforms import eval_transform
+        from pipeline.tracking.outputs import model_outputs
         from pipeline.weights import load_classifier
 
         self.model, self.meta = load_classifier(context.artifacts["classifier"])  # eval mode
         self.normalize = Normalizer(self.meta["stats"])
         self.resize = eval_transform(self.meta["img_size"])  # exactly what `evaluate` applies
-        self.torch = torch
+        self.torch, self.outputs = torch, model_outputs
 
     def _validate(self, x) -> np.ndarray:
         m = self.meta
@@ -50,7 +52,7 @@ class MimflowClassifier(PythonModel):
             x = np.stack([self.resize(image=i.transpose(1, 2, 0))["image"].transpose(2, 0, 1) for i in x])
         with self.torch.no_grad():
             logits = self.model(self.torch.from_numpy(x))
-        return self.torch.softmax(logits, dim=1).numpy().astype(np.float32)
+        return self.outputs(logits, self.meta)  # by task: probabilities [N, K], or labels' probabilities + sets
 
 
 mlflow.models.set_model(MimflowClassifier())
