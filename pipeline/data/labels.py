@@ -72,7 +72,8 @@ def check_labels(manifest: str | Path, info: dict, task: str = "auto") -> str:
     task: finetune.task ("auto", "multiclass" or "multilabel").
     DataError naming the manifest, line and image for the first row that names a class outside
     info["classes"], holds an empty set the card does not allow (or any empty set in a
-    multi-class task), or holds several classes when task="multiclass".
+    multi-class task), or holds several classes when task="multiclass"; and for a multi-label
+    task with fewer than 2 classes.
     """
     manifest = Path(manifest)
     if task not in TASKS:
@@ -80,6 +81,9 @@ def check_labels(manifest: str | Path, info: dict, task: str = "auto") -> str:
     classes = info.get("classes") or []
     resolved = resolve_task(task, info, manifest)
     name = info.get("name", manifest.parent.name)
+    if resolved == "multilabel" and len(classes) < 2:
+        raise DataError(f"{manifest.parent / 'dataset.json'}: a multi-label task needs at least 2 classes, the data card "
+                        f"of {name!r} has {len(classes)} ({classes})")
     for line, row, labels in _rows(manifest):
         where = f"{manifest}:{line} ({row['path']})"
         wrong = [c for c in labels if not 0 <= c < len(classes)]

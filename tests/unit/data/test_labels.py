@@ -60,6 +60,12 @@ def test_a_class_not_in_the_card_fails_naming_the_row(tmp_path):
         check_labels(path, CARD)
 
 
+def test_a_multilabel_task_needs_two_classes(tmp_path):
+    path = write_manifest(tmp_path, [("x.npy", "train", "0")], {**CARD, "classes": ["a"]})
+    with pytest.raises(DataError, match=r"dataset\.json: a multi-label task needs at least 2 classes"):
+        check_labels(path, {**CARD, "classes": ["a"]})
+
+
 def test_an_empty_label_set_needs_a_card_that_allows_it(tmp_path):
     rows = [("x.npy", "train", "0|1"), ("y.npy", "train", ""), ("z.npy", "unlabelled", "")]
     path = write_manifest(tmp_path, rows, CARD)
