@@ -153,3 +153,25 @@ def test_bigearthnet_card_end_to_end(tmp_path):
     tags = assert_registered_model_reproduces_evaluate(tmp_path, prepared, name, runs["evaluate"])
     assert "Land principally occupied by agriculture, with significant areas of natural vegetation" in \
         json.loads(tags["labels"])  # a name with a comma survives as JSON
+
+
+def test_distilled_deit_learns_from_a_multilabel_teacher(tmp_path):
+    """A ResNet teacher trained on the same multi-label task; the DeiT's distillation head learns the
+    teacher's predicted label sets at the teacher's own thresholds."""
+    mimflow("run", str(RECIPE), *tiny_overrides(tmp_path), "run.name=ml_deit", "model.backbone=deit_debug",
+            "finetune.init=scratch", "finetune.compare_scratch=false", "finetune.distillation.teacher=train",
+            "finetune.distillation.teacher_backbone=resnet_debug", "register.model_name=ml-deit", cwd=tmp_path,
+            timeout=900)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = runs_by_name(client)
+    folder = tmp_path / "runs" / "ml_deit"
+    teacher = json.loads((folder / "teacher" / "classifier" / "meta.json").read_text())
+    student = json.loads((folder / "finetune" / "classifier" / "meta.json").read_text())
+    assert teacher["task"] == student["task"] == "multilabel" and len(teacher["thresholds"]) == 5
+    assert student["teacher_run_id"] == runs["teacher"].info.run_id
+    for key in ("finetune/loss_cls", "finetune/loss_distill", "finetune/teacher_agreement"):
+        history = client.get_metric_history(runs["finetune"].info.run_id, key)
+        assert history and all(np.isfinite(m.value) for m in history), key
+    assert 0 <= runs["evaluate_teacher"].data.metrics["test/macro_auroc"] <= 1
+    assert_registered_model_reproduces_evaluate(tmp_path, tmp_path / "data" / "landsat_landcover", "ml-deit",
+                                                runs["evaluate"])
