@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from pipeline.config import Config
 from pipeline.data import DataError
 from pipeline.data.folders import SKIPPED_FILE, read_skipped
-from pipeline.data.labels import check_labels
+from pipeline.data.labels import check_labels, label_set
 from pipeline.data.manifest import changed_files, dataset_hash, load_manifest, select
 from pipeline.data.readers import check_reader_options
 from pipeline.data.sources import SOURCES
@@ -284,7 +284,7 @@ def _build(cfg: Config, out: Path) -> dict:
         raise DataError(f"no usable image among the {len(listed)} listed; see {out / 'quarantine.csv'}")
     # a class outside the card, an empty set the card does not allow, several classes for a
     # multi-class task: refused naming the row, before the statistics pass
-    check_labels(out / "manifest.csv", info, cfg.finetune.task)
+    task = check_labels(out / "manifest.csv", info, cfg.finetune.task)
     records = load_manifest(out / "manifest.csv")
     counts = split_counts(records, classes)
     notes = _check_splits(counts, cfg.data.allow_missing_classes)
@@ -300,7 +300,16 @@ def _build(cfg: Config, out: Path) -> dict:
                 counts={s: len(select(records, s)) for s in ("unlabelled", *SPLIT_NAMES)})
     (out / "dataset.json").write_text(json.dumps(info, indent=2))
     print(_summary(v, counts, info, cfg, out, notes))
+    if task == "multilabel":
+        print(_label_sets_line(records, cfg.finetune.task))
     return info
+
+
+def _label_sets_line(records: list, requested: str) -> str:
+    """'  task: multilabel (finetune.task=auto); labelled images by label-set size: 1: 173, 2: 304, ...'"""
+    sizes = Counter(len(label_set(r.label)) for r in records if r.split in SPLIT_NAMES)
+    return (f"  task: multilabel (finetune.task={requested}); labelled images by number of labels: "
+            + ", ".join(f"{k}: {n}" for k, n in sorted(sizes.items())) + " (the table counts positives)")
 
 
 def prepare(cfg: Config, accelerator: Accelerator, tracker: Tracker) -> Path:
