@@ -81,7 +81,9 @@ def print_summary(cfg: Config, summary: dict) -> None:
     label = {"pretrained": f"init={cfg.finetune.init}", "scratch": "init=scratch",
              "teacher": f"teacher {cfg.finetune.distillation.teacher_backbone}"}
     rows = [k for k in ("pretrained", "scratch", "teacher") if k in summary]
-    metrics = [k for k in summary[rows[0]] if "/auroc_" not in k]
+    from pipeline.stages.evaluate import SUMMARY_METRICS
+
+    metrics = [k for k in summary[rows[0]] if k.split("/")[-1] in SUMMARY_METRICS]  # no per-class keys
     print(f"test metrics of {cfg.model.backbone} ({cfg.finetune.mode}) at label_fraction={cfg.finetune.label_fraction}:")
     print(f"  {'':26s}" + "".join(f"{m.split('/')[-1]:>19s}" for m in metrics))
     for r in rows:

@@ -274,6 +274,20 @@ class DistillationConfig(_Section):
     teacher_backbone: str = "resnet18"  # when trained here: torchvision resnet18 | resnet50 | resnet_debug
 
 
+class MultilabelConfig(_Section):
+    """Multi-label fine-tuning: one sigmoid output per label."""
+    # bce: binary cross-entropy per label | asymmetric: ASL (Ridnik et al. 2021, timm's
+    # AsymmetricLossMultiLabel), which down-weights the many easy negatives of rare findings
+    loss: Literal["bce", "asymmetric"] = "bce"
+    # weight each label's positive term by negatives / positives among the training rows (capped
+    # at max_pos_weight), so a rare label's few positives weigh as much as its negatives
+    pos_weight: bool = True
+    max_pos_weight: float = Field(100.0, ge=1)  # the cap on a label's positive weight
+    gamma_neg: float = Field(4.0, ge=0)  # asymmetric: focusing on negatives (ASL's default 4)
+    gamma_pos: float = Field(0.0, ge=0)  # asymmetric: focusing on positives (ASL's default 0)
+    clip: float = Field(0.05, ge=0, lt=1)  # asymmetric: probability margin shifted off negatives
+
+
 # The optimizer each fine-tuning mode starts from; keys given in the recipe override single values.
 # full: MAE's fine-tuning recipe (AdamW, layer decay 0.75); probe: MAE's linear probe (LARS, lr 0.1, no decay).
 MODE_OPTIMIZER = {
@@ -286,16 +300,21 @@ MODE_OPTIMIZER = {
 class FinetuneConfig(_Section):
     """Fine-tuning (or a linear probe) on a fraction of the labelled training split."""
     init: str = "pretrained"  # pretrained | scratch | PATH | run id | runs:/... | models:/...
+    # auto: multilabel when the data card says so or any labelled row holds several classes |
+    # multiclass (softmax, one class per image) | multilabel (a sigmoid per label)
+    task: Literal["auto", "multiclass", "multilabel"] = "auto"
     mode: Literal["full", "probe"] = "full"  # probe: frozen encoder, BatchNorm + linear head (MAE protocol)
     epochs: int = Field(50, ge=1)  # passes over the labelled subset; the best epoch by validation is kept
     batch_size_per_device: int = Field(64, ge=1)  # images per step and process
     # starts from the mode's settings (MODE_OPTIMIZER); keys given here override single values
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(**MODE_OPTIMIZER["full"]))
     drop_path: float = Field(0.1, ge=0, lt=1)  # stochastic depth rate of the transformer blocks
-    label_smoothing: float = Field(0.1, ge=0, lt=1)  # of the cross-entropy targets
+    # of the cross-entropy targets; multi-label: each target moves towards 0.5
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     label_fraction: float = Field(0.1, gt=0, le=1)  # the label-scarce setting
     compare_scratch: bool = resume_safe(True)  # in `run`: also fine-tune from scratch as the baseline
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)  # a distilled DeiT's teacher
+    multilabel: MultilabelConfig = Field(default_factory=MultilabelConfig)  # used when the task is multi-label
     log_every_steps: int = resume_safe(10, ge=1)  # loss and lr to MLflow every N optimizer steps
 
     @model_validator(mode="before")

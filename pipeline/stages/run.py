@@ -242,11 +242,14 @@ def choose_arm(cfg: Config, classifiers: dict[str, Path], say: bool) -> str:
     if cfg.register.arm != "best_val" or len(keys) == 1:
         chosen = cfg.register.arm if cfg.register.arm in keys else keys[0]
         return chosen
-    score = {k: read_meta(classifiers[k]).get("val_balanced_accuracy", float("-inf")) for k in keys}
+    metas = {k: read_meta(classifiers[k]) for k in keys}
+    # the score fine-tuning selected its best epoch by: multi-label mAP, else balanced accuracy
+    metric = "map" if any(m.get("task") == "multilabel" for m in metas.values()) else "balanced_accuracy"
+    score = {k: metas[k].get(f"val_{metric}", float("-inf")) for k in keys}
     chosen = max(keys, key=lambda k: score[k])  # ties: the first arm, finetune.init's
     if say:
         other = [k for k in keys if k != chosen]
-        print(f"register: the {chosen} classifier (validation balanced accuracy {score[chosen]:.3f} vs "
+        print(f"register: the {chosen} classifier (validation {metric.replace('_', ' ')} {score[chosen]:.3f} vs "
               + ", ".join(f"{score[k]:.3f} for {k}" for k in other)
               + "); one split and one seed cannot tell small differences apart: `mimflow sweep` measures "
               "them with intervals", flush=True)
