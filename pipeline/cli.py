@@ -109,6 +109,13 @@ def _pretrain(cfg: Config, a) -> int:
     return 0
 
 
+def _tokenizer(cfg: Config, a) -> int:
+    from pipeline.stages.run import tokenizer_chain
+
+    tokenizer_chain(cfg, _prepared(cfg, a.prepared), _stage)
+    return 0
+
+
 def _finetune(cfg: Config, a) -> int:
     from pipeline.stages.finetune import finetune, teacher_config
     from pipeline.stages.run import resolve_init, teacher_source
@@ -151,6 +158,8 @@ CLASSIFIER = (("--classifier",), dict(required=True, help="classifier folder, ru
 COMMANDS: dict[str, Command] = {
     "run": Command("all stages in one parent MLflow run (no config: the bundled demo)", _run, prepared=False),
     "prepare": Command("build the dataset manifest and channel statistics", _prepare, prepared=False),
+    "tokenizer": Command("train BEiT's visual tokenizer on the unlabelled pool (VQ-KD on a teacher's features, "
+                         "or VQ-VAE on pixels)", _tokenizer),
     "pretrain": Command("masked-image-model pretraining on the unlabelled pool", _pretrain),
     "finetune": Command("fine-tune a classifier (or a linear probe) on the labelled tiles", _finetune, (
         (("--init",), dict(help="scratch | PATH | MLflow run id | runs:/ or models:/ URI")),
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.engine.checkpoint import CheckpointError
     from pipeline.engine.loop import NonFiniteLossError
     from pipeline.engine.preempt import Preempted
+    from pipeline.stages.tokenizer import TokenizerError
     from pipeline.weights import UnsafeCheckpointError
 
     try:
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:  # SIGTERM: checkpointed; the same command resumes from it
         print(f"mimflow: {stop}; run the same command again to resume", file=sys.stderr, flush=True)
         return 0
-    except (NonFiniteLossError, CheckpointError, UnsafeCheckpointError, DataError) as err:
+    except (NonFiniteLossError, CheckpointError, UnsafeCheckpointError, DataError, TokenizerError) as err:
         print(f"mimflow: {err}", file=sys.stderr, flush=True)
         return 1
 

@@ -284,6 +284,41 @@ class FinetuneConfig(_Section):
         return data
 
 
+class TokenizerConfig(_Section):
+    """The visual tokenizer BEiT predicts the tokens of (`mimflow tokenizer`; `mimflow run` trains it
+    first when pretrain.objective is beit without a tokenizer). Same image and patch size as model."""
+    # vqkd: reconstruct a teacher encoder's features (BEiT v2's VQ-KD); vqvae: reconstruct the pixels
+    kind: Literal["vqkd", "vqvae"] = "vqkd"
+    # vqkd's teacher: auto = an MAE encoder pretrained first on the same pool (a `teacher_pretrain`
+    # stage) | PATH / run id / runs:/ / models:/ of an encoder
+    teacher: str = "auto"
+    teacher_backbone: str = "vit_demo"  # teacher=auto: the MAE encoder's backbone
+    teacher_epochs: int | None = Field(None, ge=1)  # teacher=auto: its pretraining epochs (None: pretrain.epochs)
+    encoder: str = "vit_demo"  # the tokenizer's own encoder: a ViT variant (vit_*)
+    codebook_size: int = Field(256, ge=2)  # K visual tokens (BEiT v2: 8192 for ImageNet)
+    code_dim: int = Field(32, ge=2)  # width of a code vector (BEiT v2: 32)
+    decoder_dim: int = Field(128, ge=8)
+    decoder_depth: int = Field(1, ge=1)  # BEiT v2: 3
+    decoder_heads: int = Field(4, ge=1)
+    decay: float = Field(0.99, gt=0, lt=1)  # codebook EMA decay (BEiT v2: 0.99)
+    kmeans_init: bool = True  # initialise the codebook by k-means on the first batch
+    # replace codes whose EMA assignment count per step falls below this (0: never)
+    dead_code_threshold: float = Field(1.0, ge=0)
+    commitment_weight: float = Field(1.0, ge=0)  # BEiT v2: beta = 1
+    # fewer codes in use than this share of the codebook after training: "codebook collapse",
+    # warned in the console and tagged on the MLflow run (mimflow.codebook_collapse)
+    min_code_usage: float = Field(0.1, ge=0, le=1)
+    epochs: int = Field(20, ge=1)
+    batch_size_per_device: int = Field(128, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(
+        base_lr=1e-3, weight_decay=1e-4, betas=(0.9, 0.99), warmup_epochs=1))  # BEiT v2's betas and decay
+    report_images: int = resume_safe(1024, ge=1)  # the fixed pool tiles codebook statistics are measured on
+    figure_every_epochs: int = resume_safe(5, ge=1)
+    log_every_steps: int = resume_safe(10, ge=1)
+    # registered as models:/<model_name>@<register.alias>; None: <register.model_name>-tokenizer
+    model_name: str | None = resume_safe(None)
+
+
 class EvaluateConfig(_Section):
     split: str = "test"
     batch_size: int = Field(256, ge=1)
@@ -307,6 +342,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     evaluate: EvaluateConfig = resume_safe_factory(EvaluateConfig)  # never changes what training computes
     register: RegisterConfig = resume_safe_factory(RegisterConfig)  # never changes what training computes
 
@@ -332,11 +368,28 @@ class Config(_Section):
                 objective.check(self.pretrain.objective, encoder, backbone_spec(m.backbone), m.img_size)
             except ValueError as err:
                 raise ValueError(f"pretrain.objective: {err}") from None
+        _check_tokenizer(self.tokenizer)
         teacher = self.finetune.distillation.teacher_backbone
         if teacher not in BACKBONES:
             raise ValueError(f"finetune.distillation.teacher_backbone: unknown backbone {teacher!r}; "
                              f"known: {sorted(BACKBONES)}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_finetune_defaults(cls, data):
+        """Fine-tuning starts from the pretraining objective's recipe values (BEiT: layer decay
+        0.65), under the keys the recipe gives itself."""
+        if not isinstance(data, dict) or not isinstance(data.get("finetune", {}), dict):
+            return data
+        objective = (data.get("pretrain") or {}).get("objective", "mae")
+        name = objective.get("name", "mae") if isinstance(objective, dict) else objective
+        defaults = getattr(OBJECTIVES.get(name), "finetune_optimizer", None)
+        finetune = data.get("finetune", {})
+        given = finetune.get("optimizer") or {}
+        if not defaults or finetune.get("mode", "full") != "full" or not isinstance(given, dict):
+            return data
+        return {**data, "finetune": {**finetune, "optimizer": {**defaults, **given}}}
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -344,6 +397,17 @@ class Config(_Section):
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values (for MLflow params and for comparing configs)."""
         return flatten(self.to_dict())
+
+
+def _check_tokenizer(t: TokenizerConfig) -> None:
+    """The tokenizer's encoder must be a ViT; an auto teacher a backbone with patch features."""
+    for key, name in (("encoder", t.encoder), ("teacher_backbone", t.teacher_backbone)):
+        if name not in BACKBONES:
+            raise ValueError(f"tokenizer.{key}: unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+    if backbone_spec(t.encoder).family != "vit":
+        raise ValueError(f"tokenizer.encoder: {t.encoder!r} is not a ViT variant (vit_*)")
+    if backbone_spec(t.teacher_backbone).masked_features is None:
+        raise ValueError(f"tokenizer.teacher_backbone: {t.teacher_backbone!r} has no patch features to distil")
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:

@@ -1,4 +1,4 @@
-"""Figures people would rather look at than read: reconstructions and confusion matrices."""
+"""Figures people would rather look at than read: reconstructions, token maps and confusion matrices."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +18,14 @@ def _display(img: np.ndarray, rgb: tuple[int, int, int] | None) -> np.ndarray:
     return img.transpose(1, 2, 0) if img.shape[0] == 3 else img[0]
 
 
+def _save(fig, path: str | Path, title: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def reconstruction_grid(images, masked, recon, path: str | Path, title: str = "",
                         rgb: tuple[int, int, int] | None = None, n: int = 8) -> Path:
     """Rows: input, masked input, reconstruction. Arrays [B, C, H, W] (numpy)."""
@@ -30,11 +38,7 @@ def reconstruction_grid(images, masked, recon, path: str | Path, title: str = ""
             ax.set_xticks([]), ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(name)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, title)
 
 
 def confusion_matrix_plot(cm: np.ndarray, classes: list[str], path: str | Path, title: str = "") -> Path:
@@ -53,3 +57,32 @@ def confusion_matrix_plot(cm: np.ndarray, classes: list[str], path: str | Path, 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def code_colours(codebook_size: int) -> np.ndarray:
+    """A fixed colour per visual token [K, 3] in 0..1 (the same in every figure of a run)."""
+    return np.random.default_rng(0).uniform(0.1, 0.95, size=(codebook_size, 3))
+
+
+def token_map_grid(images, token_rows: dict[str, np.ndarray], codebook_size: int, path: str | Path,
+                   title: str = "", rgb: tuple[int, int, int] | None = None, n: int = 8,
+                   masks: np.ndarray | None = None) -> Path:
+    """Rows: the input tiles [B, C, H, W], then one row per token map [B, h, w] (each patch coloured
+    by its code). masks [B, h, w] (True = masked): hatched over every token row after the first."""
+    n = min(n, len(images))
+    colours = code_colours(codebook_size)
+    rows = [("input", None), *token_rows.items()]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.4 * n, 1.5 * len(rows) + 0.4), squeeze=False)
+    for r, (name, tokens) in enumerate(rows):
+        for col in range(n):
+            ax = axes[r, col]
+            if tokens is None:
+                ax.imshow(_display(images[col], rgb), cmap="gray", interpolation="nearest")
+            else:
+                ax.imshow(colours[tokens[col]], interpolation="nearest")
+                if masks is not None and r > 1:
+                    ax.contourf(masks[col].astype(float), levels=[0.5, 1.5], colors="none", hatches=["///"])
+            ax.set_xticks([]), ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name)
+    return _save(fig, path, title)

@@ -82,7 +82,8 @@ def _task_head(dim_in: int, dim_out: int) -> nn.Sequential:
 
 
 class VisualTokenizer(HoldsFrozen):
-    """See the module docstring. `teacher` (vqkd only) is held frozen: not trained, not saved."""
+    """See the module docstring. `teacher` (vqkd only, for training) is held frozen: not trained,
+    not saved. Raises ValueError when the teacher's features or target_dim do not fit."""
 
     def __init__(self, encoder: nn.Module, kind: str, codebook_size: int, code_dim: int, target_dim: int,
                  decoder_dim: int = 128, decoder_depth: int = 1, decoder_heads: int = 4, decay: float = 0.99,
@@ -107,14 +108,12 @@ class VisualTokenizer(HoldsFrozen):
         self.decoder = nn.Sequential(*[Block(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decode_head = _task_head(decoder_dim, target_dim)
-        if kind == "vqkd":
-            if teacher is None:
-                raise ValueError("a vqkd tokenizer needs a teacher to distil (kind=vqvae reconstructs pixels)")
+        if kind == "vqkd" and teacher is not None:  # a trained one loaded to tokenize needs none
             if teacher.width != target_dim or teacher.grid != self.grid:
                 raise ValueError(f"teacher features {teacher.grid} x {teacher.width} do not fit the tokenizer's "
                                  f"grid {self.grid} and target width {target_dim}")
             self.hold("teacher", teacher)
-        elif target_dim != self.patch_size**2 * self.in_chans:
+        elif kind == "vqvae" and target_dim != self.patch_size**2 * self.in_chans:
             raise ValueError(f"a vqvae tokenizer reconstructs P*P*C = {self.patch_size**2 * self.in_chans} "
                              f"values per patch, not target_dim={target_dim}")
 
@@ -133,6 +132,8 @@ class VisualTokenizer(HoldsFrozen):
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """What the decoder reconstructs: [B, L, T]."""
         if self.kind == "vqkd":
+            if "teacher" not in self.__dict__.get("_frozen_modules", {}):
+                raise ValueError("this vqkd tokenizer holds no teacher: it can tokenize, not train")
             return self.frozen("teacher")(images).type_as(images)
         return patchify(images, self.patch_size)
 
@@ -169,7 +170,7 @@ def build_tokenizer(encoder: nn.Module, kind: str, codebook_size: int, code_dim:
                     decoder_dim: int, decoder_depth: int, decoder_heads: int, decay: float, kmeans_init: bool,
                     dead_code_threshold: float, commitment_weight: float, teacher: TeacherFeatures | None = None,
                     **_ignored) -> VisualTokenizer:
-    """A tokenizer from its recorded architecture (extra keys, e.g. the encoder's name, are ignored)."""
+    """A tokenizer from its recorded architecture (extra keys, e.g. encoder_backbone, are ignored)."""
     return VisualTokenizer(encoder, kind, codebook_size, code_dim, target_dim, decoder_dim, decoder_depth,
                            decoder_heads, decay, kmeans_init, dead_code_threshold, commitment_weight, teacher)
 

@@ -40,6 +40,8 @@ class ObjectiveSpec:
         figures. "tokens": the visual tokens of a frozen tokenizer, which build() takes as
         `tokenizer=` (the pretrain stage loads it) and the module's predict_tokens(images, mask)
         serves the figures.
+    finetune_optimizer: finetune.optimizer defaults for an encoder it pretrained (its paper's
+        fine-tuning recipe); the recipe's own keys win.
     """
     name: str
     Config: type[ObjectiveConfig]
@@ -51,6 +53,7 @@ class ObjectiveSpec:
     block_classes: tuple[type, ...] = ()
     debug: dict = field(default_factory=dict)
     targets: str = "pixels"
+    finetune_optimizer: dict = field(default_factory=dict)
 
     def check_backbone(self, backbone: BackboneSpec, name: str) -> None:
         if backbone.encoder_family not in self.supports:

@@ -129,5 +129,9 @@ def build(encoder: nn.Module, backbone: BackboneSpec, section: BEiTConfig, fresh
     return BEiT(encoder, backbone, tokenizer)
 
 
+# BEiT's fine-tuning recipe (Bao et al. 2021, appendix): AdamW, betas (0.9, 0.999), weight decay 0.05,
+# layer decay 0.65 for the 12-block base model (0.75 large; shallow models take up to 0.9)
+FINETUNE = dict(name="adamw", base_lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.65)
+
 SPEC = ObjectiveSpec(name="beit", Config=BEiTConfig, build=build, supports=frozenset({"beit", "vit"}),
-                     mask_generator=mask_generator, check=check, targets="tokens")
+                     mask_generator=mask_generator, check=check, targets="tokens", finetune_optimizer=FINETUNE)

@@ -77,7 +77,9 @@ def test_patchify_is_row_major_patches():
 def test_mismatches_are_refused_naming_them():
     with pytest.raises(ValueError, match="expects 5 channels.*\\(2, 3, 16, 16\\)"):
         tokenizer("vqvae").encode(torch.randn(2, 3, 16, 16))
-    with pytest.raises(ValueError, match="needs a teacher"):
-        VisualTokenizer(create_encoder("vit_debug", 16, 4, 3), "vqkd", 8, 8, 32)
+    without_teacher = VisualTokenizer(create_encoder("vit_debug", 16, 4, 3), "vqkd", 8, 8, 32).eval()
+    assert without_teacher.tokenize(torch.randn(1, 3, 16, 16)).shape == (1, 4, 4)  # a loaded one tokenizes
+    with pytest.raises(ValueError, match="holds no teacher"):
+        without_teacher.train()(torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="P\\*P\\*C = 48"):
         VisualTokenizer(create_encoder("vit_debug", 16, 4, 3), "vqvae", 8, 8, 32)
