@@ -472,7 +472,10 @@ def _merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), str) and "name" not in v:
             out[k] = {"name": out[k]}  # a tagged section given by name in the recipe, keys from overrides
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+        if k == "objective" and isinstance(v, dict) and isinstance(out.get(k), dict) and "name" in v \
+                and out[k].get("name", "mae") != v["name"]:
+            out[k] = v  # another objective: the recipe's keys were the other one's
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
             out[k] = _merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):  # data.options merges too
             out[k] = {**out[k], **v}

@@ -83,12 +83,18 @@ def weights_sha256(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def _said(err: Exception, limit: int = 300) -> str:
+    """An exception on one line (torch's load_state_dict spreads its keys over many)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 def fetch_named(ref: str, artifact: str, key: str, what: str, cfg: Config) -> Path:
     """fetch() with a failure named by the config key and reference (TokenizerError)."""
     try:
         return fetch(ref, artifact, cfg.tracking)
     except Exception as err:  # FileNotFoundError, MlflowException (unknown run, model, alias), ...
-        raise TokenizerError(f"{key}={ref!r}: cannot load the {what}: {str(err).splitlines()[0]}") from None
+        raise TokenizerError(f"{key}={ref!r}: cannot load the {what}: {_said(err)}") from None
 
 
 def _weights(directory: Path, kind: str, key: str, ref: str) -> tuple[dict, dict]:
@@ -142,8 +148,7 @@ def load_teacher(directory: Path, ref: str, cfg: Config, stats: dict) -> Loaded:
         grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
         teacher = TeacherFeatures(encoder, family.masked_features, grid)
     except (KeyError, ValueError, RuntimeError) as err:
-        raise TokenizerError(f"{key}={ref!r}: cannot build the teacher encoder: "
-                             f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
+        raise TokenizerError(f"{key}={ref!r}: cannot build the teacher encoder: {_said(err)}") from None
     return Loaded(teacher, meta, FrozenReference("teacher", ref, weights_sha256(directory)))
 
 
@@ -177,8 +182,7 @@ def load_tokenizer(directory: Path, ref: str, cfg: Config, stats: dict) -> Loade
         tokenizer = build_tokenizer(encoder, **arch)
         tokenizer.load_state_dict(state)  # strict
     except (KeyError, ValueError, RuntimeError) as err:
-        raise TokenizerError(f"{key}={ref!r}: cannot rebuild the tokenizer: "
-                             f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
+        raise TokenizerError(f"{key}={ref!r}: cannot rebuild the tokenizer: {_said(err)}") from None
     return Loaded(tokenizer.eval().requires_grad_(False), meta,
                   FrozenReference("tokenizer", ref, weights_sha256(directory)))
 

@@ -138,3 +138,15 @@ def test_beit_refuses_a_hierarchical_backbone_and_an_empty_mask():
     with pytest.raises(ConfigError, match="mask_ratio=0.01 masks no patch of the 4 x 4 patch grid"):
         load_config(None, ["pretrain.objective=beit", "model.backbone=beit_debug", "model.patch_size=4",
                            "pretrain.objective.mask_ratio=0.01"])
+
+
+def test_switching_objective_by_override_drops_the_recipes_keys_of_the_other_one(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("pretrain: {objective: {name: mae, decoder_dim: 16}}\n"
+                      "finetune: {optimizer: {name: adamw, base_lr: 0.01}}\n")
+    cfg = load_config(recipe, ["pretrain.objective=beit", "pretrain.objective.tokenizer=/some/tokenizer",
+                               "finetune.optimizer.name=sgd"])
+    assert cfg.pretrain.objective.name == "beit" and cfg.pretrain.objective.tokenizer == "/some/tokenizer"
+    assert cfg.finetune.optimizer.base_lr == 0.01  # other tagged-by-name sections still merge
+    same = load_config(recipe, ["pretrain.objective.mask_ratio=0.5"])
+    assert same.pretrain.objective.decoder_dim == 16 and same.pretrain.objective.mask_ratio == 0.5
