@@ -305,6 +305,9 @@ class TokenizerConfig(_Section):
     # replace codes whose EMA assignment count per step falls below this (0: never)
     dead_code_threshold: float = Field(1.0, ge=0)
     commitment_weight: float = Field(1.0, ge=0)  # BEiT v2: beta = 1
+    # vqkd: subtract the batch's mean teacher feature before the cosine loss, so that a direction
+    # all patches share does not let a few codes reconstruct everything (pipeline/models/tokenizer.py)
+    center_targets: bool = True
     # fewer codes in use than this share of the codebook after training: "codebook collapse",
     # warned in the console and tagged on the MLflow run (mimflow.codebook_collapse)
     min_code_usage: float = Field(0.1, ge=0, le=1)

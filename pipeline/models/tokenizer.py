@@ -12,6 +12,11 @@ Two kinds, by what the decoder reconstructs:
 - `vqkd` (BEiT v2, Peng et al. 2022, VQ-KD): the patch features [B, L, T] of a frozen **teacher**
   encoder, loss 1 - cosine similarity (eq. 2 of the paper; beit2/modeling_vqkd.py). The teacher
   is any domain encoder (an MAE encoder by default), resampled to the tokenizer's patch grid.
+  With `center_targets` (mimflow's addition) the batch's mean feature is subtracted first: a
+  domain encoder's patch features can share one dominant direction (an MAE ViT on the Landsat
+  pool: mean cosine 0.86 to the mean feature), and then 1 - cosine is small for a handful of
+  codes; on that pool centring raised the share of codes in use from 4 % to 17 % and the
+  perplexity from 6 to 19 after 160 steps.
 - `vqvae`: the normalised pixels of each patch [B, L, P*P*C], mean squared error.
 
 The quantizer is vector-quantize-pytorch's `VectorQuantize`: cosine-similarity codebook
@@ -88,7 +93,7 @@ class VisualTokenizer(HoldsFrozen):
     def __init__(self, encoder: nn.Module, kind: str, codebook_size: int, code_dim: int, target_dim: int,
                  decoder_dim: int = 128, decoder_depth: int = 1, decoder_heads: int = 4, decay: float = 0.99,
                  kmeans_init: bool = True, dead_code_threshold: float = 1.0, commitment_weight: float = 1.0,
-                 teacher: TeacherFeatures | None = None):
+                 teacher: TeacherFeatures | None = None, center_targets: bool = True):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"tokenizer kind {kind!r}: expected one of {KINDS}")
@@ -96,7 +101,7 @@ class VisualTokenizer(HoldsFrozen):
         self.in_chans = encoder.patch_embed.proj.in_channels
         self.patch_size = encoder.patch_embed.patch_size[0]
         self.grid = tuple(encoder.patch_embed.grid_size)
-        self.dead_code_threshold = dead_code_threshold
+        self.dead_code_threshold, self.center_targets = dead_code_threshold, center_targets
         self.encoder = encoder
         self.encode_head = _task_head(encoder.num_features, code_dim)
         self.quantizer = VectorQuantize(dim=code_dim, codebook_size=codebook_size, use_cosine_sim=True, decay=decay,
@@ -134,7 +139,10 @@ class VisualTokenizer(HoldsFrozen):
         if self.kind == "vqkd":
             if "teacher" not in self.__dict__.get("_frozen_modules", {}):
                 raise ValueError("this vqkd tokenizer holds no teacher: it can tokenize, not train")
-            return self.frozen("teacher")(images).type_as(images)
+            feats = self.frozen("teacher")(images).type_as(images)  # [B, L, T]
+            if self.center_targets:  # the batch's mean feature over all its patches
+                feats = feats - feats.flatten(0, 1).mean(0)
+            return feats
         return patchify(images, self.patch_size)
 
     def reconstruction_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -162,17 +170,21 @@ class VisualTokenizer(HoldsFrozen):
         return codes.reshape(-1, *self.grid)
 
     def dead_codes(self) -> int:
-        """Codes whose moving-average assignment count is below the replacement threshold."""
-        return int((self.quantizer._codebook.cluster_size < self.dead_code_threshold).sum())
+        """Codes assigned at most max(1, dead_code_threshold) vectors per training step on (EMA)
+        average: unused ones, and those just replaced by a batch vector (the library resets a
+        replaced code's count to the threshold), so replacement does not hide them."""
+        counts = self.quantizer._codebook.cluster_size  # [1, K], the library's moving average
+        return int((counts <= max(1.0, self.dead_code_threshold)).sum())
 
 
 def build_tokenizer(encoder: nn.Module, kind: str, codebook_size: int, code_dim: int, target_dim: int,
                     decoder_dim: int, decoder_depth: int, decoder_heads: int, decay: float, kmeans_init: bool,
                     dead_code_threshold: float, commitment_weight: float, teacher: TeacherFeatures | None = None,
-                    **_ignored) -> VisualTokenizer:
+                    center_targets: bool = True, **_ignored) -> VisualTokenizer:
     """A tokenizer from its recorded architecture (extra keys, e.g. encoder_backbone, are ignored)."""
     return VisualTokenizer(encoder, kind, codebook_size, code_dim, target_dim, decoder_dim, decoder_depth,
-                           decoder_heads, decay, kmeans_init, dead_code_threshold, commitment_weight, teacher)
+                           decoder_heads, decay, kmeans_init, dead_code_threshold, commitment_weight, teacher,
+                           center_targets)
 
 
 def debug_tokenizer(encoder: nn.Module, codebook_size: int = 16) -> VisualTokenizer:

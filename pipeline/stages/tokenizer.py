@@ -161,7 +161,8 @@ def architecture(cfg: Config, in_chans: int, teacher: Loaded | None) -> dict:
     return dict(kind=t.kind, encoder_backbone=t.encoder, codebook_size=t.codebook_size, code_dim=t.code_dim,
                 target_dim=target, decoder_dim=t.decoder_dim, decoder_depth=t.decoder_depth,
                 decoder_heads=t.decoder_heads, decay=t.decay, kmeans_init=t.kmeans_init,
-                dead_code_threshold=t.dead_code_threshold, commitment_weight=t.commitment_weight)
+                dead_code_threshold=t.dead_code_threshold, commitment_weight=t.commitment_weight,
+                center_targets=t.center_targets)
 
 
 def load_tokenizer(directory: Path, ref: str, cfg: Config, stats: dict) -> Loaded:

@@ -83,3 +83,12 @@ def test_mismatches_are_refused_naming_them():
         without_teacher.train()(torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="P\\*P\\*C = 48"):
         VisualTokenizer(create_encoder("vit_debug", 16, 4, 3), "vqvae", 8, 8, 32)
+
+
+def test_vqkd_targets_are_the_teachers_features_centred_on_the_batch_mean():
+    tok = tokenizer("vqkd")
+    images = torch.randn(4, 5, 16, 16)
+    raw = tok.frozen("teacher")(images)
+    torch.testing.assert_close(tok.targets(images), raw - raw.flatten(0, 1).mean(0))
+    tok.center_targets = False
+    torch.testing.assert_close(tok.targets(images), raw)
