@@ -103,9 +103,8 @@ def _weights(directory: Path, kind: str, key: str, ref: str) -> tuple[dict, dict
     except (FileNotFoundError, UnsafeCheckpointError, ValueError, OSError) as err:
         raise TokenizerError(f"{key}={ref!r}: cannot load it: {err}") from None
     if meta.get("kind") != kind:
-        raise TokenizerError(f"{key}={ref!r}: a {meta.get('kind', 'foreign')!r} weights folder, not an {kind}"
-                             if kind == "encoder" else
-                             f"{key}={ref!r}: a {meta.get('kind', 'foreign')!r} weights folder, not a {kind}")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise TokenizerError(f"{key}={ref!r}: a {meta.get('kind', 'foreign')!r} weights folder, not {article} {kind}")
     return state, meta
 
 

@@ -67,3 +67,15 @@ def test_block_wise_masks_come_from_the_data_pipeline():
     draw = spec.mask_generator(spec.Config(), create_encoder("beit_debug", 32, 4, 3), BACKBONES["beit_debug"], 32)
     mask = draw(np.random.default_rng(0))
     assert mask.shape == (8, 8) and 21 <= mask.sum() <= 26  # 40 % of 64, within one 5-patch block
+
+
+def test_a_beit_encoder_feeds_a_linear_probe_with_exactly_the_probe_head_missing():
+    from pipeline.models.transfer import load_encoder
+    from pipeline.weights import build_classifier
+
+    model, spec, *_ = build_pair("beit", "beit_debug", 5, 16, 4)
+    probe = build_classifier({"backbone": "beit_debug", "img_size": 16, "patch_size": 4, "in_chans": 5,
+                              "num_classes": 3, "head": "probe"})
+    fresh = load_encoder(probe, spec.encoder(model).state_dict(), BACKBONES["beit_debug"])
+    assert fresh == {"head.0.running_mean", "head.0.running_var", "head.1.weight", "head.1.bias"}
+    assert probe.eval()(torch.randn(2, 5, 16, 16)).shape == (2, 3)
