@@ -1,5 +1,5 @@
-"""Figures people would rather look at than read: reconstructions, confusion matrices, and for
-multi-label classifiers per-label ROC curves and a label co-occurrence / error matrix."""
+"""Figures people would rather look at than read: reconstructions, token maps, confusion matrices,
+and for multi-label classifiers per-label ROC curves and a label co-occurrence / error matrix."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,6 +27,14 @@ def _display(img: np.ndarray, lo: float, hi: float, hidden: np.ndarray | None = 
     if hidden is not None:
         img = np.where(hidden[None], MASKED, img)
     return img.transpose(1, 2, 0) if img.shape[0] == 3 else img[0]
+
+
+def _save(fig, path: str | Path, title: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
 
 
 def reconstruction_grid(images, masked, recon, path: str | Path, **kwargs) -> Path:
@@ -142,3 +150,32 @@ def label_errors_plot(cooccurrence: np.ndarray, predicted_given_true: np.ndarray
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def code_colours(codebook_size: int) -> np.ndarray:
+    """A fixed colour per visual token [K, 3] in 0..1 (the same in every figure of a run)."""
+    return np.random.default_rng(0).uniform(0.1, 0.95, size=(codebook_size, 3))
+
+
+def token_map_grid(images, token_rows: dict[str, np.ndarray], codebook_size: int, path: str | Path,
+                   title: str = "", rgb: tuple[int, int, int] | None = None, n: int = 8,
+                   masks: np.ndarray | None = None) -> Path:
+    """Rows: the input tiles [B, C, H, W], then one row per token map [B, h, w] (each patch coloured
+    by its code). masks [B, h, w] (True = masked): hatched over every token row after the first."""
+    n = min(n, len(images))
+    colours = code_colours(codebook_size)
+    rows = [("input", None), *token_rows.items()]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.4 * n, 1.5 * len(rows) + 0.4), squeeze=False)
+    for r, (name, tokens) in enumerate(rows):
+        for col in range(n):
+            ax = axes[r, col]
+            if tokens is None:
+                ax.imshow(_display(*_stretch(images[col], rgb)), cmap="gray", interpolation="nearest")
+            else:
+                ax.imshow(colours[tokens[col]], interpolation="nearest")
+                if masks is not None and r > 1:
+                    ax.contourf(masks[col].astype(float), levels=[0.5, 1.5], colors="none", hatches=["///"])
+            ax.set_xticks([]), ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name)
+    return _save(fig, path, title)
