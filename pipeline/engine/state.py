@@ -75,19 +75,24 @@ class SeededAugmentation(Dataset):
     so that persistent data-loader workers see `set_epoch` too.
 
     mask_fn(rng) -> bool [h, w]: also draw a mask per sample (SimMIM, BEiT) from its own stream of
-    the same seed; samples then are (image, label, mask)."""
+    the same seed; samples then are (image, label, mask).
+    length: samples per epoch when it differs from the dataset's (sample i is image i mod n, with
+    its own augmentation): an epoch of a fixed number of steps whatever the number of images."""
 
     MASK_STREAM = 1  # a second SeedSequence key: masks never share draws with augmentations
 
-    def __init__(self, dataset: Dataset, seed: int, mask_fn: Callable[[np.random.Generator], np.ndarray] | None = None):
+    def __init__(self, dataset: Dataset, seed: int, mask_fn: Callable[[np.random.Generator], np.ndarray] | None = None,
+                 length: int | None = None):
         self.dataset, self.seed, self.mask_fn = dataset, seed, mask_fn
+        self.images = len(dataset)  # distinct images (len(self) counts samples per epoch)
+        self.length = length or self.images
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:  # also called by accelerate's DataLoaderShard
         self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.length
 
     def __getitem__(self, i: int):
         transform = getattr(self.dataset, "transform", None)
@@ -95,7 +100,7 @@ class SeededAugmentation(Dataset):
             seq = np.random.SeedSequence([self.seed, int(self._epoch), int(i)])
             transform.set_random_state(np.random.Generator(np.random.PCG64(seq)),
                                        random.Random(int(seq.generate_state(1)[0])))
-        sample = self.dataset[i]
+        sample = self.dataset[i % self.images]
         if self.mask_fn is None:
             return sample
         rng = np.random.default_rng([self.seed, int(self._epoch), int(i), self.MASK_STREAM])

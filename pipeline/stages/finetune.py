@@ -93,8 +93,12 @@ def _validation(val_loader, num_classes: int):
 
 
 def finetune(cfg: Config, prepared: Path, encoder_dir: Path | None, accelerator: Accelerator,
-             tracker: Tracker, name: str = "finetune", teacher_dir: Path | None = None) -> Path:
-    """-> folder with the best (val balanced accuracy) classifier, logged as artefact `classifier`."""
+             tracker: Tracker, name: str = "finetune", teacher_dir: Path | None = None, read_fn=None,
+             epoch_images: int | None = None) -> Path:
+    """-> folder with the best (val balanced accuracy) classifier, logged as artefact `classifier`.
+    read_fn: a record reader shared with other stages (e.g. the sweep's one decoded-image cache);
+    None: the training images' own cache (data.cache). epoch_images: samples per epoch (the
+    images cycled), so that validation and checkpoints come every so many steps."""
     f, probe = cfg.finetune, cfg.finetune.mode == "probe"
     info = load_dataset_info(prepared)
     records = load_manifest(prepared / "manifest.csv")
@@ -110,8 +114,9 @@ def finetune(cfg: Config, prepared: Path, encoder_dir: Path | None, accelerator:
     teacher = _load_teacher(teacher_dir, stats, accelerator.device) if teacher_dir else None
     if teacher is not None and hasattr(model, "set_distilled_training"):
         model.set_distilled_training(True)  # train-mode forward -> (class logits, distillation logits)
-    read_fn = cached_read_fn(cfg, train_recs, accelerator)  # epochs after the first decode nothing
-    dataset = SeededAugmentation(make_dataset(cfg, train_recs, stats, train=True, read_fn=read_fn), cfg.run.seed)
+    read_fn = read_fn or cached_read_fn(cfg, train_recs, accelerator)  # epochs after the first decode nothing
+    dataset = SeededAugmentation(make_dataset(cfg, train_recs, stats, train=True, read_fn=read_fn), cfg.run.seed,
+                                 length=epoch_images)
     val_loader = accelerator.prepare(make_loader(make_dataset(cfg, select(records, "val"), stats, train=False),
                                                  cfg.evaluate.batch_size, cfg, train=False))
     tracker.log_params({"finetune.init_resolved": str(encoder_dir or "scratch"), "finetune.teacher": str(teacher_dir),

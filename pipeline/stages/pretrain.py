@@ -81,8 +81,9 @@ def _reconstructions(cfg: Config, objective: ObjectiveSpec, images: torch.Tensor
     return plot
 
 
-def pretrain(cfg: Config, prepared: Path, accelerator: Accelerator, tracker: Tracker) -> Path:
-    """-> folder with the encoder (model.safetensors + meta.json), also logged as artefact `encoder`."""
+def pretrain(cfg: Config, prepared: Path, accelerator: Accelerator, tracker: Tracker, name: str = "pretrain") -> Path:
+    """-> folder with the encoder (model.safetensors + meta.json), also logged as artefact `encoder`.
+    name: the stage's folder under the run (checkpoints, encoder/), e.g. one per encoder of a sweep."""
     p = cfg.pretrain
     stats, info = load_stats(prepared / "stats.json"), load_dataset_info(prepared)
     records = load_manifest(prepared / "manifest.csv")
@@ -95,9 +96,9 @@ def pretrain(cfg: Config, prepared: Path, accelerator: Accelerator, tracker: Tra
     shown = [dataset[i] for i in range(min(8, len(dataset)))]  # epoch 0: the same tiles in every grid
     rng = np.random.default_rng(cfg.run.seed)
     shown_masks = torch.from_numpy(np.stack([masks(rng) for _ in shown])) if masks else None
-    out = stage_dir(cfg, "pretrain")
+    out = stage_dir(cfg, name)
     tracker.log_params({"pretrain.init_resolved": str(init), "pool_size": len(pool)})
-    task = Task(name="pretrain", prefix="pretrain", model=model, dataset=dataset, loss=_objective_loss,
+    task = Task(name=name, prefix="pretrain", model=model, dataset=dataset, loss=_objective_loss,
                 epochs=p.epochs, batch_size_per_device=p.batch_size_per_device, optimizer=p.optimizer,
                 log_every_steps=p.log_every_steps, sections=("run", "data", "model", "pretrain"),
                 on_epoch_end=_reconstructions(cfg, objective, torch.stack([s[0] for s in shown]), shown_masks,
