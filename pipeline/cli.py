@@ -153,6 +153,29 @@ def _register(cfg: Config, a) -> int:
     return 0
 
 
+def _sweep(cfg: Config, a) -> int:
+    from pipeline.stages.sweep import SweepError, SweepRefused, run_sweep
+
+    def confirm(n: int, limit: int) -> bool:
+        if a.yes or not sys.stdin.isatty():
+            return a.yes
+        answer = input(f"mimflow: the grid has {n} trials, more than sweep.max_trials={limit}; run them all? [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    try:
+        out = run_sweep(cfg, confirm)
+    except (SweepError, SweepRefused) as err:
+        print(f"mimflow: {err}", file=sys.stderr)
+        return 2 if isinstance(err, SweepRefused) else 1
+    print(out["report"].read_text())
+    print(f"mimflow sweep '{cfg.run.name}' finished in {out['seconds'] / 60:.1f} min (MLflow parent run "
+          f"{out['parent_run_id']}); results.csv and label_efficiency.png beside the report")
+    if out["failed"]:
+        print(f"mimflow: {out['failed']} trial(s) failed (listed in the report); run the same command to retry them")
+    print(f"report: {out['report']}", flush=True)
+    return 1 if out["failed"] else 0
+
+
 CLASSIFIER = (("--classifier",), dict(required=True, help="classifier folder, run id or URI"))
 COMMANDS: dict[str, Command] = {
     "run": Command("all stages in one parent MLflow run (no config: the bundled demo)", _run, prepared=False),
@@ -164,6 +187,9 @@ COMMANDS: dict[str, Command] = {
         (("--probe",), dict(action="store_true", help="linear probe of the frozen encoder (finetune.mode=probe)")))),
     "evaluate": Command("score a classifier on the held-out split", _evaluate, (CLASSIFIER,)),
     "register": Command("register a classifier in the MLflow model registry", _register, (CLASSIFIER,)),
+    "sweep": Command("does pretraining pay? inits x heads x label fractions x splits x seeds, with intervals",
+                     _sweep, ((("--yes",), dict(action="store_true", help="run a grid over sweep.max_trials")),),
+                     prepared=False),
 }
 
 

@@ -10,9 +10,9 @@
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from pipeline.configbase import Section
 from pipeline.models.backbones import BACKBONES, backbone_spec
@@ -59,6 +59,9 @@ class SweepConfig(Section):
     # or a weights file (.pt/.pth/.bin/.safetensors)
     inits: dict[str, str] = Field(default_factory=lambda: {"scratch": "scratch", "mae": "pretrain:mae"},
                                   min_length=1)
+    # objective -> its pretrain.objective keys for the `pretrain:<objective>` inits (default: the
+    # recipe's pretrain.objective when it names that objective, else the objective's defaults)
+    objectives: dict[str, dict[str, Any]] = Field(default_factory=dict)
     heads: dict[str, HeadSection] = Field(default_factory=lambda: {"vit": HeadSection(backbone="vit_demo")},
                                           min_length=1)
     cnn_baseline: str = "resnet18"  # trained from scratch on the same labels and budget, always in the table
@@ -99,6 +102,19 @@ class SweepConfig(Section):
                 raise ValueError(f"{name}: unknown objective {objective!r} in {ref!r}; known: {sorted(OBJECTIVES)}")
             if not ref.strip():
                 raise ValueError(f"{name}: empty reference")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, keys in v.items():
+            if name not in OBJECTIVES:
+                raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
+            try:
+                OBJECTIVES[name].Config(**{**keys, "name": name})
+            except ValidationError as err:
+                e = err.errors()[0]
+                raise ValueError(f"{name}.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})") from None
         return v
 
     @field_validator("heads")
