@@ -53,6 +53,7 @@ from pipeline.weights import build_classifier, load_classifier, read_meta, verif
 
 SWEEP = "sweep"  # <run.output_dir>/<run.name>/sweep
 RECORD = "record.json"  # a job's or trial's status, MLflow run, fingerprint and result
+PROTOCOL = 2  # how a trial trains and scores, beyond its config: a change reruns the trials
 
 
 class SweepError(ValueError):
@@ -351,6 +352,8 @@ def pretrain_encoders(cfg: Config, acc, arms: list[grid.Arm], prepared: Path, ro
                               {"prepared": load_dataset_info(prepared).get("dataset_hash")})
 
             def fn(t, pcfg=pcfg, name=name):
+                print(f"sweep: pretraining {pcfg.pretrain.objective.name} on {pcfg.model.backbone}, "
+                      f"{pcfg.pretrain.epochs} epochs (MLflow run {t.run_id}, folder {name})", flush=True)
                 log_config(pcfg, t)
                 return str(pretrain(pcfg, prepared, acc, t, name=name))
 
@@ -492,8 +495,8 @@ def _plan(cfg: Config, arms, reps, folders, encoders, cache, features, parent_id
                 "num_classes": num_classes, "test_labels": test_labels[trial.repetition],
                 "reuse": cfg.checkpoint.resume != "never"}
         if arm.kind == "network":
-            n_train = len(select(load_manifest(split / "manifest.csv"), "train"))
-            epoch_images = max(n_train, s.eval_every_steps * s.batch_size)
+            # an epoch is one validation interval, whatever the label count: the same steps for every trial
+            epoch_images = s.eval_every_steps * s.batch_size * cfg.run.gradient_accumulation_steps
             spe = _steps_per_epoch(cfg, epoch_images)
             epochs = math.ceil(s.steps / spe)
             tcfg = trial_config(cfg, trial, encoder, epochs)
@@ -504,7 +507,8 @@ def _plan(cfg: Config, arms, reps, folders, encoders, cache, features, parent_id
             tcfg = config_from_dict(tree, f"trial {trial.id}")
         sections = ("run", "data", "model", "finetune") if arm.kind == "network" else ("data",)
         fp = _fingerprint(tcfg, sections, {"trial": trial.to_dict(), "encoder": _encoder_id(encoder),
-                                           "split": _split_id(split)})
+                                           "split": _split_id(split), "epoch_images": spec.get("epoch_images"),
+                                           "protocol": PROTOCOL})
         stage = f"{SWEEP}/trials/{arm.key}/rep{trial.repetition}-frac{trial.fraction:g}-seed{trial.seed}-{fp[:8]}"
         spec.update(config=tcfg.to_dict(), fingerprint=fp, stage=stage, folder=str(stage_dir(cfg, stage)))
         jobs.append(Job(trial.id, arm.key, spec))
