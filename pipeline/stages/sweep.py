@@ -95,10 +95,12 @@ def in_child_run(cfg: Config, folder: Path, name: str, fingerprint: str, tags: d
     rec = _read(folder / RECORD)
     reopen = rec["run_id"] if rec and rec.get("status") == "running" and rec.get("fingerprint") == fingerprint else None
     with tracked_run(cfg.tracking, True, name, tags, run_id=reopen) as t:
-        base = {"run_id": t.run_id, "fingerprint": fingerprint, "name": name}
+        base, start = {"run_id": t.run_id, "fingerprint": fingerprint, "name": name}, time.monotonic()
         _write(folder / RECORD, {**base, "status": "running"})
         result = fn(t)
-        _write(folder / RECORD, {**base, "status": "finished", "result": result})
+        # seconds: of the attempt that finished (a resumed job's earlier attempts are not counted)
+        _write(folder / RECORD, {**base, "status": "finished", "result": result,
+                                 "seconds": round(time.monotonic() - start, 2)})
     return result
 
 
@@ -560,10 +562,12 @@ def _results(cfg, arms, skipped, reps, counts, jobs, results, info, records, enc
         users.setdefault(str(path), []).append(f"`{key}`")
     for path, keys in users.items():
         meta = read_meta(path) if Path(path).is_dir() else {}
+        took = (_read(Path(path).parent / RECORD) or {}).get("seconds")
         epochs = (meta.get("config") or {}).get("pretrain", {}).get("epochs")
         facts.append(f"Encoder of {', '.join(keys)}: {path}" + (
-            f" ({meta.get('objective')} on {meta.get('backbone')}, {epochs} epochs over the {pool} pool images, "
-            f"MLflow run {meta.get('pretrain_run_id')})" if meta.get("objective") else
+            f" ({meta.get('objective')} on {meta.get('backbone')}, {epochs} epochs over the {pool} pool images"
+            + (f" in {took / 60:.1f} min" if took else "") + f", MLflow run {meta.get('pretrain_run_id')})"
+            if meta.get("objective") else
             " (given by reference: what it was pretrained on is not known here; its pretraining may have seen test images)"))
     return SweepResults(cfg.run.name, arms, s.fractions, s.seeds, info["classes"],
                         [np.array([r.label for r in rep.test]) for rep in reps], rows, counts, s.metric, s.bootstrap,
