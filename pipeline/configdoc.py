@@ -71,14 +71,24 @@ def describe(model: BaseModel, indent: int = 0) -> list[str]:
             lines.append(f"{pad}{name}:" + (f"  # {meaning}" if meaning else ""))
             lines.extend(describe(value, indent + 1))
             continue
-        shown = _yaml(value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
-        default = field.get_default(call_default_factory=True)
-        default = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
-        note = [] if _same(default, value) else [f"default {_yaml(default)}"]
+        plain = _plain(value)
+        default = _plain(field.get_default(call_default_factory=True))
+        note = [] if _same(default, plain) else [f"default {_yaml(default)}"]
         if meaning:
             note.append(meaning)
-        lines.append(f"{pad}{name}: {shown}" + (f"  # {'; '.join(note)}" if note else ""))
+        lines.append(f"{pad}{name}: {_yaml(plain)}" + (f"  # {'; '.join(note)}" if note else ""))
     return lines
+
+
+def _plain(value: Any) -> Any:
+    """Config sections nested in dicts or lists (e.g. sweep.heads) -> plain JSON-able values."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -104,7 +104,7 @@ def fit(cfg: Config, task: Task, accelerator: Accelerator, tracker: Tracker) -> 
     steps_per_epoch = math.ceil(len(loader) / cfg.run.gradient_accumulation_steps)
     scheduler = warmup_cosine(optimizer, round(opt.warmup_epochs * steps_per_epoch), task.epochs * steps_per_epoch)
     tracker.log_params({f"{task.prefix}.global_batch_size": global_batch, f"{task.prefix}.lr": lr,
-                        f"{task.prefix}.steps_per_epoch": steps_per_epoch, "train_images": len(task.dataset),
+                        f"{task.prefix}.steps_per_epoch": steps_per_epoch, "train_images": task.dataset.images,
                         "world_size": acc.num_processes})
 
     state, data, best = LoopState(), EpochData(loader, task.dataset, generator), BestWeights(model, acc)

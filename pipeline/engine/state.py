@@ -75,19 +75,30 @@ class SeededAugmentation(Dataset):
     so that persistent data-loader workers see `set_epoch` too.
 
     mask_fn(rng) -> bool [h, w]: also draw a mask per sample (SimMIM, BEiT) from its own stream of
-    the same seed; samples then are (image, label, mask)."""
+    the same seed; samples then are (image, label, mask).
+    length: samples per epoch when it differs from the number of images: an epoch of a fixed number
+    of steps whatever the label count. The images are then taken in one seeded order, round after
+    round, each epoch continuing where the last stopped (fewer images than samples: each is seen
+    about length / n times an epoch, every time with its own augmentation; more: an epoch sees a
+    share of them, and the next epochs the others)."""
 
     MASK_STREAM = 1  # a second SeedSequence key: masks never share draws with augmentations
+    ORDER_STREAM = 2  # the order of the images when an epoch has a length of its own
 
-    def __init__(self, dataset: Dataset, seed: int, mask_fn: Callable[[np.random.Generator], np.ndarray] | None = None):
+    def __init__(self, dataset: Dataset, seed: int, mask_fn: Callable[[np.random.Generator], np.ndarray] | None = None,
+                 length: int | None = None):
         self.dataset, self.seed, self.mask_fn = dataset, seed, mask_fn
+        self.images = len(dataset)  # distinct images (len(self) counts samples per epoch)
+        self.length = length or self.images
+        self._order = None if self.length == self.images else \
+            np.random.default_rng([seed, self.ORDER_STREAM]).permutation(self.images)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:  # also called by accelerate's DataLoaderShard
         self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.length
 
     def __getitem__(self, i: int):
         transform = getattr(self.dataset, "transform", None)
@@ -95,6 +106,8 @@ class SeededAugmentation(Dataset):
             seq = np.random.SeedSequence([self.seed, int(self._epoch), int(i)])
             transform.set_random_state(np.random.Generator(np.random.PCG64(seq)),
                                        random.Random(int(seq.generate_state(1)[0])))
+        if self._order is not None:  # sample i of this epoch -> the next image of the seeded rounds
+            i = int(self._order[(int(self._epoch) * self.length + i) % self.images])
         sample = self.dataset[i]
         if self.mask_fn is None:
             return sample

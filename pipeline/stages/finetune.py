@@ -221,10 +221,14 @@ def label_fraction(records: list[Record], fraction: float, seed: int, task: str,
 
 
 def finetune(cfg: Config, prepared: Path, encoder_dir: Path | None, accelerator: Accelerator,
-             tracker: Tracker, name: str = "finetune", teacher_dir: Path | None = None) -> Path:
+             tracker: Tracker, name: str = "finetune", teacher_dir: Path | None = None, read_fn=None,
+             epoch_images: int | None = None) -> Path:
     """-> folder with the best classifier (by val balanced accuracy; multi-label: val mAP), logged
     as artefact `classifier`. DataError naming the manifest row when the labels do not fit
-    finetune.task (data/labels.py)."""
+    finetune.task (data/labels.py). read_fn: a record reader shared with other stages (e.g. the
+    sweep's one decoded-image cache); None: the training images' own cache (data.cache).
+    epoch_images: samples per epoch (the images cycled), so that validation and checkpoints come
+    every so many steps."""
     f, probe = cfg.finetune, cfg.finetune.mode == "probe"
     info = load_dataset_info(prepared)
     task = check_labels(prepared / "manifest.csv", info, f.task)
@@ -242,9 +246,9 @@ def finetune(cfg: Config, prepared: Path, encoder_dir: Path | None, accelerator:
                                    else (None, None))
     if teacher is not None and hasattr(model, "set_distilled_training"):
         model.set_distilled_training(True)  # train-mode forward -> (class logits, distillation logits)
-    read_fn = cached_read_fn(cfg, train_recs, accelerator)  # epochs after the first decode nothing
+    read_fn = read_fn or cached_read_fn(cfg, train_recs, accelerator)  # epochs after the first decode nothing
     dataset = SeededAugmentation(make_dataset(cfg, train_recs, stats, train=True, read_fn=read_fn,
-                                              num_labels=num_labels), cfg.run.seed)
+                                              num_labels=num_labels), cfg.run.seed, length=epoch_images)
     val_loader = accelerator.prepare(make_loader(make_dataset(cfg, select(records, "val"), stats, train=False,
                                                               num_labels=num_labels),
                                                  cfg.evaluate.batch_size, cfg, train=False))

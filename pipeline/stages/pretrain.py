@@ -111,6 +111,7 @@ def _reconstructions(cfg: Config, objective: ObjectiveSpec, images: torch.Tensor
 def pretrain(cfg: Config, prepared: Path, accelerator: Accelerator, tracker: Tracker, name: str = "pretrain",
              tokenizer_dir: Path | None = None) -> Path:
     """-> folder with the encoder (model.safetensors + meta.json), also logged as artefact `encoder`.
+    name: the stage's folder under the run (checkpoints, encoder/), e.g. one per encoder of a sweep.
     tokenizer_dir: the visual tokenizer `mimflow run` trained (else pretrain.objective.tokenizer)."""
     p = cfg.pretrain
     stats, info = load_stats(prepared / "stats.json"), load_dataset_info(prepared)

@@ -10,9 +10,9 @@ PKG = Path(__file__).resolve().parents[2] / "pipeline"
 # package (folder or module under pipeline/) -> what it must never import
 FORBIDDEN = {
     "models": {"accelerate", "mlflow", "pipeline.engine", "pipeline.tracking", "pipeline.stages", "pipeline.weights",
-               "pipeline.config", "pipeline.cli"},
+               "pipeline.config", "pipeline.cli", "pipeline.sweep"},
     "data": {"accelerate", "mlflow", "pipeline.engine", "pipeline.tracking", "pipeline.stages", "pipeline.models",
-             "pipeline.weights", "pipeline.cli"},
+             "pipeline.weights", "pipeline.cli", "pipeline.sweep"},
     "engine": {"pipeline.stages", "pipeline.cli", "mlflow"},
     "tracking": {"pipeline.stages", "pipeline.engine", "pipeline.cli"},
     "weights.py": {"pipeline.stages", "pipeline.engine", "pipeline.tracking", "pipeline.cli", "mlflow", "accelerate"},
@@ -23,6 +23,9 @@ FORBIDDEN = {
     "config.py": {"pipeline.stages", "pipeline.engine", "pipeline.tracking", "pipeline.weights", "pipeline.data",
                   "pipeline.cli", "mlflow", "accelerate"},
     "stages": {"pipeline.cli"},
+    # the sweep's grid, statistics, report and executors: pure; the stage wires them to training
+    "sweep": {"accelerate", "mlflow", "pipeline.engine", "pipeline.tracking", "pipeline.stages", "pipeline.weights",
+              "pipeline.cli"},
 }
 
 
