@@ -97,7 +97,7 @@ def fit(cfg: Config, task: Task, accelerator: Accelerator, tracker: Tracker) -> 
     generator = loader.generator  # the shuffle's; a checkpoint holds its state at the epoch start
     global_batch = task.batch_size_per_device * acc.num_processes * cfg.run.gradient_accumulation_steps
     lr = scaled_lr(opt.base_lr, global_batch)
-    optimizer = make_optimizer(task.model, lr, opt)
+    optimizer = make_optimizer(task.model, lr, opt, fused=not cfg.run.fsdp)
     model, optimizer, loader = acc.prepare(task.model, optimizer, loader)
     seed_per_rank(acc, cfg.run.seed)
     # accelerate syncs at the end of the loader too, so a partial accumulation window is a step
