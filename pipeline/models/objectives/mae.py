@@ -8,6 +8,7 @@ loss and gradients (tests/unit/models/test_mae_fast.py); `scripts/bench_pretrain
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -59,6 +60,7 @@ class MAE(nn.Module):
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * self.in_chans)
         # the fast form where its pieces know the modules exactly (a stock timm ViT and Block)
         self.fast = fast and fastvit.can_embed_kept_patches(vit) and fastvit.can_run_rows(self.decoder.blocks[-1])
+        self.compiled_loss_at = None  # compile_step() sets it (run.compile)
 
     @property
     def encoder(self) -> VisionTransformer:
@@ -109,6 +111,20 @@ class MAE(nn.Module):
         pred = self.forward_decoder(self.forward_encoder(images, idx_keep), idx_keep, idx_mask)
         return self.forward_loss(images, pred, idx_mask), pred
 
+    def compile_step(self) -> None:
+        """torch.compile `loss_at` (the masks are drawn eagerly, so the random stream is as ever).
+        Compilation happens at the first step; if it fails, that step and all later ones run eager."""
+        self.compiled_loss_at = torch.compile(self.loss_at)
+
+    def _loss(self, images, idx_keep, idx_mask):
+        if self.compiled_loss_at is not None and torch.is_grad_enabled():  # plots stay eager: no second compile
+            try:
+                return self.compiled_loss_at(images, idx_keep, idx_mask)
+            except Exception as err:  # inductor needs a C++ compiler, and not every graph compiles
+                warnings.warn(f"MAE: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running eager")
+                self.compiled_loss_at = None
+        return self.loss_at(images, idx_keep, idx_mask)
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """images [B, C, H, W] -> loss, pred [B, L_mask, P*P*C], mask [B, L] (1 = masked).
         MAE draws its own masks (torch RNG); `mask` must be None."""
@@ -118,7 +134,7 @@ class MAE(nn.Module):
         if C != self.in_chans:
             raise ValueError(f"MAE expects {self.in_chans} channels, got images of shape {tuple(images.shape)}")
         idx_keep, idx_mask = self.random_masking(B, images.device)  # eager: torch's RNG stream, as ever
-        loss, pred = self.loss_at(images, idx_keep, idx_mask)
+        loss, pred = self._loss(images, idx_keep, idx_mask)
         mask = torch.zeros(B, self.sequence_length - 1, device=images.device)
         mask.scatter_(1, idx_mask - 1, 1.0)
         return {"loss": loss, "pred": pred, "mask": mask, "idx_mask": idx_mask, "metrics": {}}
