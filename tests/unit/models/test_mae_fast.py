@@ -102,3 +102,30 @@ def test_200_steps_on_real_tiles_follow_the_reference_loss_curve(prepared_landsa
     # float reordering could compound over 200 AdamW steps; the curves must still coincide
     # (measured: 2e-7 apart at most)
     assert (got - ref).abs().max() < 1e-4 * ref.abs().max(), (got - ref).abs().max()
+
+
+def test_a_compile_failure_falls_back_to_the_eager_step_with_a_warning():
+    torch.manual_seed(0)
+    model, *_ = build_pair("mae", "vit_debug", 3, 16, 4)
+    images = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(1)
+    eager = model(images)["loss"]
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    model.compiled_loss_at = broken  # what compile_step() installs, failing as inductor can
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="torch.compile failed.*running eager"):
+        loss = model(images)["loss"]
+    assert model.compiled_loss_at is None and torch.equal(loss, eager)
+
+
+def test_run_compile_switch_compiles_the_step_only_when_asked():
+    from pipeline.config import load_config
+    from pipeline.engine.fit import compile_step
+
+    model, *_ = build_pair("mae", "vit_debug", 3, 16, 4)
+    assert not compile_step(model, load_config(None).run) and model.compiled_loss_at is None  # off by default
+    assert compile_step(model, load_config(None, ["run.compile=true"]).run)
+    assert model.compiled_loss_at is not None  # compiled lazily, at the first training step
