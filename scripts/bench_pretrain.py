@@ -140,7 +140,7 @@ def mimflow_arm(args, images) -> Arm:
             torch.set_num_threads(threads)
 
     detail = (f"fast form {'on' if unwrapped.fast else 'off'}, torch.compile {'on' if compiled else 'off'}, "
-              f"threads {cfg.run.cpu_threads or 'torch default'}, "
+              f"run.cpu_threads={cfg.run.cpu_threads}, "
               f"{type(optimizer.optimizer if hasattr(optimizer, 'optimizer') else optimizer).__name__} "
               f"({_optimizer_impl(optimizer)})")
     return Arm("mimflow", one_step, fwd_bwd, detail)
