@@ -129,3 +129,18 @@ def test_run_compile_switch_compiles_the_step_only_when_asked():
     assert not compile_step(model, load_config(None).run) and model.compiled_loss_at is None  # off by default
     assert compile_step(model, load_config(None, ["run.compile=true"]).run)
     assert model.compiled_loss_at is not None  # compiled lazily, at the first training step
+
+
+def test_fast_form_keeps_activation_checkpointing_and_its_gradients():
+    from pipeline.distributed import set_activation_checkpointing
+
+    torch.manual_seed(0)
+    model, *_ = build_pair("mae", "vit_debug", 3, 16, 4)
+    images = torch.randn(2, 3, 16, 16)
+    ref, ref_grads = _loss_and_grads(model, images, fast=False)
+    assert set_activation_checkpointing(model, True)
+    out, grads = _loss_and_grads(model, images, fast=True)
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+    assert set(grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
