@@ -81,7 +81,9 @@ def print_summary(cfg: Config, summary: dict) -> None:
     label = {"pretrained": f"init={cfg.finetune.init}", "scratch": "init=scratch",
              "teacher": f"teacher {cfg.finetune.distillation.teacher_backbone}"}
     rows = [k for k in ("pretrained", "scratch", "teacher") if k in summary]
-    metrics = [k for k in summary[rows[0]] if "/auroc_" not in k]
+    from pipeline.stages.evaluate import SUMMARY_METRICS
+
+    metrics = [k for k in summary[rows[0]] if k.split("/")[-1] in SUMMARY_METRICS]  # no per-class keys
     print(f"test metrics of {cfg.model.backbone} ({cfg.finetune.mode}) at label_fraction={cfg.finetune.label_fraction}:")
     print(f"  {'':26s}" + "".join(f"{m.split('/')[-1]:>19s}" for m in metrics))
     for r in rows:
@@ -148,6 +150,15 @@ def _pretrain(cfg: Config, a) -> int:
     return 0
 
 
+def _tokenizer(cfg: Config, a) -> int:
+    from pipeline.stages.common import resolve_geometry
+    from pipeline.stages.run import tokenizer_chain
+
+    prepared = _prepared(cfg, a.prepared)
+    tokenizer_chain(resolve_geometry(cfg, prepared), prepared, _stage)
+    return 0
+
+
 def _finetune(cfg: Config, a) -> int:
     from pipeline.stages.common import resolve_geometry
     from pipeline.stages.finetune import finetune, teacher_config
@@ -208,6 +219,11 @@ COMMANDS: dict[str, Command] = {
     "prepare": Command("build the dataset manifest and channel statistics", _prepare, prepared=False,
                        reads_writes="Reads every image data.dataset lists; writes data.root/data.name/ (manifest.csv, "
                                     "dataset.json, stats.json, quarantine.csv, skipped.csv) and an MLflow run."),
+    "tokenizer": Command("train BEiT's visual tokenizer on the unlabelled pool (VQ-KD on a teacher's features, "
+                         "or VQ-VAE on pixels)", _tokenizer,
+                         reads_writes="Reads the prepared data (and, for kind=vqkd, a teacher encoder); writes "
+                                      "run.output_dir/run.name/tokenizer/ (tokenizer/ = model.safetensors + meta.json) "
+                                      "and an MLflow run with the tokenizer."),
     "pretrain": Command("masked-image-model pretraining on the unlabelled pool", _pretrain,
                         reads_writes="Reads the prepared data; writes run.output_dir/run.name/pretrain/ (checkpoints/, "
                                      "encoder/ = model.safetensors + meta.json) and an MLflow run with the encoder."),
@@ -270,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.engine.preempt import Preempted
     from pipeline.fsutil import FolderLockedError, os_error_line
     from pipeline.stages.register import RegisterRefused
+    from pipeline.stages.tokenizer import TokenizerError
     from pipeline.tracking.registry import SchemaChangeError
     from pipeline.tracking.retry import LocalStoreError, store_error_line
     from pipeline.weights import UnsafeCheckpointError, WeightsIntegrityError
@@ -281,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimflow: {stop}; run the same command again to resume", file=sys.stderr, flush=True)
         return 0
     except (NonFiniteLossError, CheckpointError, UnsafeCheckpointError, DataError, FolderLockedError,
-            WeightsIntegrityError, LocalStoreError, RegisterRefused, SchemaChangeError, ConfigError) as err:
+            WeightsIntegrityError, LocalStoreError, RegisterRefused, SchemaChangeError, ConfigError,
+            TokenizerError) as err:
         print(f"mimflow: {err}", file=sys.stderr, flush=True)
         return 1
     except OSError as err:  # disk full, read-only or missing folders: the path, not a traceback

@@ -280,6 +280,20 @@ class DistillationConfig(_Section):
     teacher_backbone: str = "resnet18"  # when trained here: torchvision resnet18 | resnet50 | resnet_debug
 
 
+class MultilabelConfig(_Section):
+    """Multi-label fine-tuning: one sigmoid output per label."""
+    # bce: binary cross-entropy per label | asymmetric: ASL (Ridnik et al. 2021, timm's
+    # AsymmetricLossMultiLabel), which down-weights the many easy negatives of rare findings
+    loss: Literal["bce", "asymmetric"] = "bce"
+    # weight each label's positive term by negatives / positives among the training rows (capped
+    # at max_pos_weight), so a rare label's few positives weigh as much as its negatives
+    pos_weight: bool = True
+    max_pos_weight: float = Field(100.0, ge=1)  # the cap on a label's positive weight
+    gamma_neg: float = Field(4.0, ge=0)  # asymmetric: focusing on negatives (ASL's default 4)
+    gamma_pos: float = Field(0.0, ge=0)  # asymmetric: focusing on positives (ASL's default 0)
+    clip: float = Field(0.05, ge=0, lt=1)  # asymmetric: probability margin shifted off negatives
+
+
 # The optimizer each fine-tuning mode starts from; keys given in the recipe override single values.
 # full: MAE's fine-tuning recipe (AdamW, layer decay 0.75); probe: MAE's linear probe (LARS, lr 0.1, no decay).
 MODE_OPTIMIZER = {
@@ -292,16 +306,21 @@ MODE_OPTIMIZER = {
 class FinetuneConfig(_Section):
     """Fine-tuning (or a linear probe) on a fraction of the labelled training split."""
     init: str = "pretrained"  # pretrained | scratch | PATH | run id | runs:/... | models:/...
+    # auto: multilabel when the data card says so or any labelled row holds several classes |
+    # multiclass (softmax, one class per image) | multilabel (a sigmoid per label)
+    task: Literal["auto", "multiclass", "multilabel"] = "auto"
     mode: Literal["full", "probe"] = "full"  # probe: frozen encoder, BatchNorm + linear head (MAE protocol)
     epochs: int = Field(50, ge=1)  # passes over the labelled subset; the best epoch by validation is kept
     batch_size_per_device: int = Field(64, ge=1)  # images per step and process
     # starts from the mode's settings (MODE_OPTIMIZER); keys given here override single values
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(**MODE_OPTIMIZER["full"]))
     drop_path: float = Field(0.1, ge=0, lt=1)  # stochastic depth rate of the transformer blocks
-    label_smoothing: float = Field(0.1, ge=0, lt=1)  # of the cross-entropy targets
+    # of the cross-entropy targets; multi-label: each target moves towards 0.5
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     label_fraction: float = Field(0.1, gt=0, le=1)  # the label-scarce setting
     compare_scratch: bool = resume_safe(True)  # in `run`: also fine-tune from scratch as the baseline
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)  # a distilled DeiT's teacher
+    multilabel: MultilabelConfig = Field(default_factory=MultilabelConfig)  # used when the task is multi-label
     log_every_steps: int = resume_safe(10, ge=1)  # loss and lr to MLflow every N optimizer steps
 
     @model_validator(mode="before")
@@ -312,6 +331,44 @@ class FinetuneConfig(_Section):
             if isinstance(given, dict):
                 data = {**data, "optimizer": {**MODE_OPTIMIZER[data.get("mode", "full")], **given}}
         return data
+
+
+class TokenizerConfig(_Section):
+    """The visual tokenizer BEiT predicts the tokens of (`mimflow tokenizer`; `mimflow run` trains it
+    first when pretrain.objective is beit without a tokenizer). Same image and patch size as model."""
+    # vqkd: reconstruct a teacher encoder's features (BEiT v2's VQ-KD); vqvae: reconstruct the pixels
+    kind: Literal["vqkd", "vqvae"] = "vqkd"
+    # vqkd's teacher: auto = an MAE encoder pretrained first on the same pool (a `teacher_pretrain`
+    # stage) | PATH / run id / runs:/ / models:/ of an encoder
+    teacher: str = "auto"
+    teacher_backbone: str = "vit_demo"  # teacher=auto: the MAE encoder's backbone
+    teacher_epochs: int | None = Field(None, ge=1)  # teacher=auto: its pretraining epochs (None: pretrain.epochs)
+    encoder: str = "vit_demo"  # the tokenizer's own encoder: a ViT variant (vit_*)
+    codebook_size: int = Field(256, ge=2)  # K visual tokens (BEiT v2: 8192 for ImageNet)
+    code_dim: int = Field(32, ge=2)  # width of a code vector (BEiT v2: 32)
+    decoder_dim: int = Field(128, ge=8)  # width of the decoder that reconstructs the targets
+    decoder_depth: int = Field(1, ge=1)  # BEiT v2: 3
+    decoder_heads: int = Field(4, ge=1)  # attention heads of the decoder
+    decay: float = Field(0.99, gt=0, lt=1)  # codebook EMA decay (BEiT v2: 0.99)
+    kmeans_init: bool = True  # initialise the codebook by k-means on the first batch
+    # replace codes whose EMA assignment count per step falls below this (0: never)
+    dead_code_threshold: float = Field(1.0, ge=0)
+    commitment_weight: float = Field(1.0, ge=0)  # BEiT v2: beta = 1
+    # vqkd: subtract the batch's mean teacher feature before the cosine loss, so that a direction
+    # all patches share does not let a few codes reconstruct everything (pipeline/models/tokenizer.py)
+    center_targets: bool = True
+    # fewer codes in use than this share of the codebook after training: "codebook collapse",
+    # warned in the console and tagged on the MLflow run (mimflow.codebook_collapse)
+    min_code_usage: float = Field(0.1, ge=0, le=1)
+    epochs: int = Field(20, ge=1)  # passes over the unlabelled pool
+    batch_size_per_device: int = Field(128, ge=1)  # images per step and process
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(
+        base_lr=1e-3, weight_decay=1e-4, betas=(0.9, 0.99), warmup_epochs=1))  # BEiT v2's betas and decay
+    report_images: int = resume_safe(1024, ge=1)  # the fixed pool tiles codebook statistics are measured on
+    figure_every_epochs: int = resume_safe(5, ge=1)  # token-map figure every N epochs (and the last)
+    log_every_steps: int = resume_safe(10, ge=1)  # loss and codebook metrics to MLflow every N steps
+    # registered as models:/<model_name>@<register.alias>; None: <register.model_name>-tokenizer
+    model_name: str | None = resume_safe(None)
 
 
 class EvaluateConfig(_Section):
@@ -347,6 +404,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     evaluate: EvaluateConfig = resume_safe_factory(EvaluateConfig)  # never changes what training computes
     register: RegisterConfig = resume_safe_factory(RegisterConfig)  # never changes what training computes
 
@@ -359,16 +417,22 @@ class Config(_Section):
             raise ValueError(f"model.backbone: {err.args[0]}") from None
         self._check_data()
         self._name_from_the_data(spec.family)
+        _check_tokenizer(self.tokenizer)
+        pretraining = self.finetune.init == "pretrained" or self.pretrain.init
+        if pretraining:  # needs no geometry: refused before the data is even prepared
+            try:
+                OBJECTIVES[self.pretrain.objective.name].check_backbone(spec, m.backbone)
+            except ValueError as err:
+                raise ValueError(f"pretrain.objective: {err}") from None
         if not m.resolved:  # from the data: checked again once prepare has set it (resolve_geometry)
             return self._check_teacher()
         try:
             check_geometry(m.backbone, m.img_size, m.patch_size, 1, m.window_size)
         except ValueError as err:
             raise ValueError(f"model: {err}") from None
-        if self.finetune.init == "pretrained" or self.pretrain.init:
+        if pretraining:
             objective = OBJECTIVES[self.pretrain.objective.name]
             try:
-                objective.check_backbone(spec, m.backbone)
                 import torch
 
                 with torch.device("meta"):
@@ -418,12 +482,39 @@ class Config(_Section):
         if self.register.model_name is None:
             self.register.model_name = f"{d.name.replace('_', '-')}-{family}".lower()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_finetune_defaults(cls, data):
+        """Fine-tuning starts from the pretraining objective's recipe values (BEiT: layer decay
+        0.65), under the keys the recipe gives itself."""
+        if not isinstance(data, dict) or not isinstance(data.get("finetune", {}), dict):
+            return data
+        objective = (data.get("pretrain") or {}).get("objective", "mae")
+        name = objective.get("name", "mae") if isinstance(objective, dict) else objective
+        defaults = getattr(OBJECTIVES.get(name), "finetune_optimizer", None)
+        finetune = data.get("finetune", {})
+        given = finetune.get("optimizer") or {}
+        if not defaults or finetune.get("mode", "full") != "full" or not isinstance(given, dict):
+            return data
+        return {**data, "finetune": {**finetune, "optimizer": {**defaults, **given}}}
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values (for MLflow params and for comparing configs)."""
         return flatten(self.to_dict())
+
+
+def _check_tokenizer(t: TokenizerConfig) -> None:
+    """The tokenizer's encoder must be a ViT; an auto teacher a backbone with patch features."""
+    for key, name in (("encoder", t.encoder), ("teacher_backbone", t.teacher_backbone)):
+        if name not in BACKBONES:
+            raise ValueError(f"tokenizer.{key}: unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+    if backbone_spec(t.encoder).family != "vit":
+        raise ValueError(f"tokenizer.encoder: {t.encoder!r} is not a ViT variant (vit_*)")
+    if backbone_spec(t.teacher_backbone).masked_features is None:
+        raise ValueError(f"tokenizer.teacher_backbone: {t.teacher_backbone!r} has no patch features to distil")
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:
@@ -488,7 +579,10 @@ def _merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), str) and "name" not in v:
             out[k] = {"name": out[k]}  # a tagged section given by name in the recipe, keys from overrides
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+        if k == "objective" and isinstance(v, dict) and isinstance(out.get(k), dict) and "name" in v \
+                and out[k].get("name", "mae") != v["name"]:
+            out[k] = v  # another objective: the recipe's keys were the other one's
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
             out[k] = _merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):  # data.options merges too
             out[k] = {**out[k], **v}

@@ -83,6 +83,8 @@ def build(src_dir: str | Path, out_dir: str | Path, flag: str | None = None, siz
         "source": npz_path.name,
         "options": {"flag": flag, "size": size, "limit_per_split": limit_per_split},
     }
+    if multilabel:  # ChestMNIST: a row of 14 zeros is ChestX-ray14's "No Finding"
+        info["empty_label"] = "no finding (none of the labels)"
     (out_dir / "dataset.json").write_text(json.dumps(info, indent=2))
     return info
 

@@ -180,9 +180,14 @@ def build_csv(out_dir, manifest: str, split_fractions=(0.6, 0.2, 0.2), seed: int
     def label_of(text: str, line: int) -> str:
         parts = [p for p in (text or "").split("|") if p]
         try:
-            return "|".join(index_of[p] if p in index_of else str(int(p)) for p in parts)
+            indices = [index_of[p] if p in index_of else str(int(p)) for p in parts]
         except ValueError:
             raise ValueError(f"{manifest}:{line}: unknown label {text!r} (classes: {names})") from None
+        outside = [i for i in indices if not 0 <= int(i) < len(names)]
+        if outside:
+            raise ValueError(f"{manifest}:{line}: label {text!r} names class {outside[0]}, but there are "
+                             f"{len(names)} classes (0..{len(names) - 1}: {names})")
+        return "|".join(indices)
 
     files = []
     for line, r in enumerate(table, start=2):

@@ -10,6 +10,12 @@ into K folds of balanced class mix, with K chosen so that whole folds make up th
 (0.6/0.2/0.2 -> 5 folds: 3, 1, 1; 0.7/0.15/0.15 -> 20 folds: 14, 3, 3), and folds go to test and
 val first where they bring a class that split still lacks. A class with fewer groups than there
 are splits cannot be in every split: `missing_from_splits` names it for prepare to refuse.
+
+Multi-label rows (tuples of classes) are stratified on every label at once: the groups, each
+with the set of labels its rows hold (and "no label" for a group with an empty set), are cut into
+the K folds by iterative stratification (Sechidis et al. 2011, iterative-stratification's
+MultilabelStratifiedKFold), which places the rarest labels first. Each group counts once per
+label, whatever its image count.
 """
 from __future__ import annotations
 
@@ -35,8 +41,9 @@ def assign_splits(groups: Sequence[str], labels: Sequence, fractions: Sequence[f
                   seed: int) -> dict[str, str]:
     """Rows' groups and labels -> {group: "train" | "val" | "test"}.
 
-    labels: per row a class index, a tuple of them (multi-label: stratified on the row's rarest
-        class), or None / -1 / () for a row without one.
+    labels: per row a class index, a tuple of them (multi-label: any tuple makes the whole set
+        multi-label, stratified on every label by iterative stratification of the groups), or
+        None / -1 / () for a row without one.
     fractions: (train, val, test) shares of the groups' images, summing to 1.
     ValueError for fractions that are not three non-negative numbers summing to 1.
     """
@@ -45,6 +52,8 @@ def assign_splits(groups: Sequence[str], labels: Sequence, fractions: Sequence[f
         raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
     names = sorted(set(groups))
     wanted = [s for s, f in zip(SPLIT_NAMES, fractions) if f > 0]
+    if any(isinstance(lab, tuple) for lab in labels):
+        return _assign_multilabel(groups, labels, fractions, seed, names, wanted)
     strata = _strata(labels)
     if max(Counter(strata.tolist()).values()) < 2:  # no class with two rows: nothing to stratify
         strata = np.zeros(len(strata), int)
@@ -66,6 +75,39 @@ def assign_splits(groups: Sequence[str], labels: Sequence, fractions: Sequence[f
         classes_of_fold[f].add(y)
     split_of_fold = _folds_to_splits(classes_of_fold, per_split, seed)
     return {g: split_of_fold[f] for g, f in zip(groups, fold_of_row)}
+
+
+def _assign_multilabel(groups: Sequence[str], labels: Sequence, fractions: tuple[float, float, float],
+                       seed: int, names: list[str], wanted: list[str]) -> dict[str, str]:
+    """assign_splits for multi-label rows: folds of groups by iterative stratification."""
+    limit = min(MAX_FOLDS, len(names))
+    if limit < 2 or len(wanted) == 1:
+        return {g: wanted[0] for g in names}
+    k, per_split = _folds(fractions, limit)
+    classes = sorted({c for lab in labels for c in _as_set(lab)})
+    column = {c: i for i, c in enumerate(classes)}
+    row_of = {g: i for i, g in enumerate(names)}
+    y = np.zeros((len(names), len(classes) + 1), bool)  # [groups, labels + "no label"]
+    for g, lab in zip(groups, labels):
+        members = _as_set(lab)
+        y[row_of[g], [column[c] for c in members] if members else [len(classes)]] = True
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    fold_of_group = np.empty(len(names), int)
+    folds = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, rows) in enumerate(folds.split(np.zeros(len(names)), y)):
+        fold_of_group[rows] = f
+    classes_of_fold = [set() for _ in range(k)]
+    for i, f in enumerate(fold_of_group):
+        classes_of_fold[f] |= {classes[j] for j in np.flatnonzero(y[i, :-1])}
+    split_of_fold = _folds_to_splits(classes_of_fold, per_split, seed)
+    return {g: split_of_fold[fold_of_group[row_of[g]]] for g in names}
+
+
+def _as_set(label) -> tuple:
+    if isinstance(label, tuple):
+        return label
+    return () if label is None or label == "" or int(label) < 0 else (int(label),)
 
 
 def _strata(labels: Sequence) -> np.ndarray:

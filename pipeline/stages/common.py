@@ -28,12 +28,13 @@ def geometry_meta(cfg: Config, stats: dict) -> dict:
 
 
 def make_dataset(cfg: Config, records: list[Record], stats: dict, train: bool,
-                 img_size: int | None = None, read_fn=None) -> ManifestDataset:
-    """Records -> Dataset with the config's reader options and train/eval transform."""
+                 img_size: int | None = None, read_fn=None, num_labels: int | None = None) -> ManifestDataset:
+    """Records -> Dataset with the config's reader options and train/eval transform; with
+    `num_labels` (multi-label) its targets are multi-hot [num_labels]."""
     size = img_size or cfg.model.img_size
     transform = (train_transform(cfg.data.augment, size, cfg.data.augment_options) if train
                  else eval_transform(size))
-    return ManifestDataset(records, stats, transform, cfg.data.reader_options, read_fn)
+    return ManifestDataset(records, stats, transform, cfg.data.reader_options, read_fn, num_labels)
 
 
 def cached_read_fn(cfg: Config, records: list[Record], accelerator):

@@ -3,7 +3,9 @@
 Nothing is dropped quietly: every quarantined image is listed in quarantine.csv and printed;
 prepare refuses (a DataError naming the class and the fix) when quarantine would take all of a
 class or more than data.max_quarantined_share of it, when data.strict=true and any image is bad,
-and when a class is missing from a split (unless data.allow_missing_classes=true).
+when a class is missing from a split (unless data.allow_missing_classes=true), and when a
+labelled row names a class outside the data card, holds an empty label set the card does not
+allow, or holds several classes while finetune.task=multiclass (data/labels.py; naming the row).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from accelerate import Accelerator
 from pipeline.config import Config
 from pipeline.data import DataError
 from pipeline.data.folders import SKIPPED_FILE, read_skipped
+from pipeline.data.labels import check_labels, label_set
 from pipeline.data.manifest import changed_files, dataset_hash, load_manifest, select
 from pipeline.data.readers import check_reader_options
 from pipeline.data.sources import SOURCES
@@ -262,7 +265,9 @@ def _summary(v: Validation, counts: dict, info: dict, cfg: Config, out: Path, no
 
 def _build(cfg: Config, out: Path) -> dict:
     if _is_current(cfg, out):
-        return json.loads((out / "dataset.json").read_text())
+        info = json.loads((out / "dataset.json").read_text())
+        check_labels(out / "manifest.csv", info, cfg.finetune.task)  # finetune.task may have changed
+        return info
     reader_options = cfg.data.reader_options.as_dict()
     check_reader_options(reader_options)  # a bad option value fails before any file is read
     builder = load_builder(cfg.data.dataset)
@@ -277,6 +282,9 @@ def _build(cfg: Config, out: Path) -> dict:
     _refuse_lost_classes(listed, v, classes, cfg.data.max_quarantined_share, out)
     if not v.good:
         raise DataError(f"no usable image among the {len(listed)} listed; see {out / 'quarantine.csv'}")
+    # a class outside the card, an empty set the card does not allow, several classes for a
+    # multi-class task: refused naming the row, before the statistics pass
+    task = check_labels(out / "manifest.csv", info, cfg.finetune.task)
     records = load_manifest(out / "manifest.csv")
     counts = split_counts(records, classes)
     notes = _check_splits(counts, cfg.data.allow_missing_classes)
@@ -293,7 +301,16 @@ def _build(cfg: Config, out: Path) -> dict:
                 counts={s: len(select(records, s)) for s in ("unlabelled", *SPLIT_NAMES)})
     (out / "dataset.json").write_text(json.dumps(info, indent=2))
     print(_summary(v, counts, info, cfg, out, notes))
+    if task == "multilabel":
+        print(_label_sets_line(records, cfg.finetune.task))
     return info
+
+
+def _label_sets_line(records: list, requested: str) -> str:
+    """'  task: multilabel (finetune.task=auto); labelled images by label-set size: 1: 173, 2: 304, ...'"""
+    sizes = Counter(len(label_set(r.label)) for r in records if r.split in SPLIT_NAMES)
+    return (f"  task: multilabel (finetune.task={requested}); labelled images by number of labels: "
+            + ", ".join(f"{k}: {n}" for k, n in sorted(sizes.items())) + " (the table counts positives)")
 
 
 def prepare(cfg: Config, accelerator: Accelerator, tracker: Tracker) -> Path:

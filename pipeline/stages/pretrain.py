@@ -21,14 +21,17 @@ from pipeline.models.objectives import OBJECTIVES, ObjectiveSpec
 from pipeline.models.transfer import load_encoder
 from pipeline.plots import reconstruction_grid
 from pipeline.stages.common import cached_read_fn, geometry_meta, make_dataset
+from pipeline.stages.tokenizer import token_predictions, tokenizer_for_pretraining
 from pipeline.tracking.artifacts import fetch
 from pipeline.tracking.base import Tracker
 from pipeline.weights import load_weights, save_weights
 
 
-def build_mim_model(cfg: Config, in_chans: int, init_state: dict | None = None) -> tuple[torch.nn.Module, ObjectiveSpec]:
+def build_mim_model(cfg: Config, in_chans: int, init_state: dict | None = None,
+                    tokenizer: torch.nn.Module | None = None) -> tuple[torch.nn.Module, ObjectiveSpec]:
     """The objective's training module around a fresh encoder of `model.backbone` (or one holding
-    `init_state`, for continued pretraining: then the objective keeps those weights)."""
+    `init_state`, for continued pretraining: then the objective keeps those weights). `tokenizer`:
+    the frozen visual tokenizer of an objective that predicts tokens (BEiT)."""
     m, objective = cfg.model, OBJECTIVES[cfg.pretrain.objective.name]
     family = FAMILIES[backbone_spec(m.backbone).encoder_family]
     objective.check_backbone(family, m.backbone)
@@ -36,7 +39,8 @@ def build_mim_model(cfg: Config, in_chans: int, init_state: dict | None = None) 
     if init_state is not None:  # nothing may be left fresh in an encoder (it has no head)
         for note in load_encoder(encoder, init_state, family).notes:
             print(f"pretrain: init: {note}", flush=True)
-    return objective.build(encoder, family, cfg.pretrain.objective, fresh=init_state is None), objective
+    extra = {"tokenizer": tokenizer} if objective.targets == "tokens" else {}
+    return objective.build(encoder, family, cfg.pretrain.objective, fresh=init_state is None, **extra), objective
 
 
 def mask_fn(cfg: Config, model: torch.nn.Module, objective: ObjectiveSpec):
@@ -104,28 +108,37 @@ def _reconstructions(cfg: Config, objective: ObjectiveSpec, images: torch.Tensor
     return plot
 
 
-def pretrain(cfg: Config, prepared: Path, accelerator: Accelerator, tracker: Tracker) -> Path:
-    """-> folder with the encoder (model.safetensors + meta.json), also logged as artefact `encoder`."""
+def pretrain(cfg: Config, prepared: Path, accelerator: Accelerator, tracker: Tracker, name: str = "pretrain",
+             tokenizer_dir: Path | None = None) -> Path:
+    """-> folder with the encoder (model.safetensors + meta.json), also logged as artefact `encoder`.
+    tokenizer_dir: the visual tokenizer `mimflow run` trained (else pretrain.objective.tokenizer)."""
     p = cfg.pretrain
     stats, info = load_stats(prepared / "stats.json"), load_dataset_info(prepared)
     records = load_manifest(prepared / "manifest.csv")
     pool = select(records, "unlabelled") or select(records, "train")
     init = fetch(p.init, "encoder", cfg.tracking) if p.init else None
-    model, objective = build_mim_model(cfg, len(stats["channels"]), load_weights(init)[0] if init else None)
+    tokenizer = None
+    if OBJECTIVES[p.objective.name].targets == "tokens":  # frozen; checkpoints hold its reference and hash
+        tokenizer = tokenizer_for_pretraining(cfg, tokenizer_dir, stats)
+        stats = tokenizer.meta["stats"]  # normalise exactly as the tokenizer saw its tiles
+    model, objective = build_mim_model(cfg, len(stats["channels"]), load_weights(init)[0] if init else None,
+                                       tokenizer.module if tokenizer else None)
     masks = mask_fn(cfg, model, objective)
     read_fn = cached_read_fn(cfg, pool, accelerator)  # epochs after the first decode nothing
     dataset = SeededAugmentation(make_dataset(cfg, pool, stats, train=True, read_fn=read_fn), cfg.run.seed, masks)
     shown, labels = shown_tiles(cfg, records, pool, stats, info.get("classes") or [])  # the same in every grid
     rng = np.random.default_rng(cfg.run.seed)
     shown_masks = torch.from_numpy(np.stack([masks(rng) for _ in shown])) if masks else None
-    out = stage_dir(cfg, "pretrain")
-    tracker.log_params({"pretrain.init_resolved": str(init), "pool_size": len(pool)})
+    out = stage_dir(cfg, name)
+    tracker.log_params({"pretrain.init_resolved": str(init), "pool_size": len(pool),
+                        "pretrain.tokenizer_resolved": tokenizer.reference.reference if tokenizer else None})
     tracker.log_dataset(prepared / "manifest.csv", cfg.data.name, info["dataset_hash"], "training", pool[0].split)
-    task = Task(name="pretrain", prefix="pretrain", model=model, dataset=dataset, loss=_objective_loss,
+    figures = (token_predictions(cfg, shown, shown_masks, out, tracker) if tokenizer else
+               _reconstructions(cfg, objective, shown, shown_masks, out, tracker, stats["channels"], labels))
+    task = Task(name=name, prefix="pretrain", model=model, dataset=dataset, loss=_objective_loss,
                 epochs=p.epochs, batch_size_per_device=p.batch_size_per_device, optimizer=p.optimizer,
                 log_every_steps=p.log_every_steps, sections=("run", "data", "model", "pretrain"),
-                on_epoch_end=_reconstructions(cfg, objective, shown, shown_masks, out, tracker,
-                                              stats["channels"], labels))
+                on_epoch_end=figures, states={"tokenizer": tokenizer.reference} if tokenizer else {})
     fitted = fit(cfg, task, accelerator, tracker)
 
     unwrapped = accelerator.unwrap_model(fitted.model)
@@ -134,7 +147,9 @@ def pretrain(cfg: Config, prepared: Path, accelerator: Accelerator, tracker: Tra
         meta = {**geometry_meta(cfg, stats), "kind": "encoder", "objective": objective.name,
                 "family": backbone_spec(cfg.model.backbone).encoder_family,
                 "dataset_hash": info.get("dataset_hash"), "config": cfg.to_dict(),
-                "pretrain_run_id": tracker.run_id, "final_loss": fitted.loss, "init": str(init) if init else None}
+                "pretrain_run_id": tracker.run_id, "final_loss": fitted.loss, "init": str(init) if init else None,
+                "tokenizer": {**tokenizer.reference.state_dict(), "run_id": tokenizer.meta.get("tokenizer_run_id")}
+                if tokenizer else None}
         save_weights(encoder_state, out / "encoder", meta)
         tracker.log_artifacts(out / "encoder", "encoder")
         tracker.log_metrics({"pretrain/final_loss": fitted.loss}, step=fitted.state.step)

@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
 
 from pipeline.config import Config
 from pipeline.data.manifest import load_manifest, read_record, select
 from pipeline.tracking.base import Tracker
+from pipeline.tracking.outputs import output_schema, task_metadata, task_tags
 from pipeline.tracking.registry import register_classifier
 from pipeline.weights import verify_weights
 
@@ -18,24 +18,28 @@ class RegisterRefused(ValueError):
 
 
 def _signature(meta: dict) -> ModelSignature:
-    """Outputs: one float column per class. Inputs are checked by the model itself (pyfunc_model:
-    [N, C, H, W] or [C, H, W], numeric, C = the channels, any H, W): MLflow's own input-schema
-    check would answer a wrong input by printing the whole input back (in process and over HTTP);
-    the expected input is stated in the model's metadata and description instead."""
-    return ModelSignature(inputs=None, outputs=Schema([ColSpec("float", name) for name in meta["classes"]]))
+    """Outputs by task (tracking/outputs.py): a float column per class, or per label plus the
+    predicted label sets. Inputs are checked by the model itself (pyfunc_model: [N, C, H, W] or
+    [C, H, W], numeric, C = the channels, any H, W): MLflow's own input-schema check would answer a
+    wrong input by printing the whole input back (in process and over HTTP); the expected input is
+    stated in the model's metadata and description instead."""
+    return ModelSignature(inputs=None, outputs=output_schema(meta))
 
 
 def describe(meta: dict, data_name: str, metrics: dict | None) -> str:
     """The model version's description: what it is, on what, how good, made by which runs."""
-    lines = [f"{meta['backbone']} classifier ({meta.get('head', 'linear')} head) of {len(meta['classes'])} classes "
-             f"on {data_name} ({meta['in_chans']} channels: {', '.join(meta['channels'])}; "
-             f"{meta['img_size']} x {meta['img_size']} px input, raw units; resized as evaluation does).",
-             f"Classes: {', '.join(meta['classes'])}.",
-             f"Initialised from: {meta.get('init')}; best epoch {meta.get('best_epoch')} by validation balanced "
-             f"accuracy {meta.get('val_balanced_accuracy', float('nan')):.4f}."]
-    if metrics:
+    multilabel = meta.get("task") == "multilabel"
+    what, score = ("multi-label classifier", "map") if multilabel else ("classifier", "balanced_accuracy")
+    lines = [f"{meta['backbone']} {what} ({meta.get('head', 'linear')} head) of {len(meta['classes'])} "
+             f"{'labels' if multilabel else 'classes'} on {data_name} ({meta['in_chans']} channels: "
+             f"{', '.join(meta['channels'])}; {meta['img_size']} x {meta['img_size']} px input, raw units; resized as "
+             "evaluation does).",
+             f"{'Labels' if multilabel else 'Classes'}: {', '.join(meta['classes'])}.",
+             f"Initialised from: {meta.get('init')}; best epoch {meta.get('best_epoch')} by validation "
+             f"{score.replace('_', ' ')} {meta.get('val_' + score, float('nan')):.4f}."]
+    if metrics:  # the summary scalars, not the per-class / per-label ones
         lines.append("Test metrics: " + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()
-                                                   if "/auroc_" not in k) + ".")
+                                                   if not any(f"/{p}_" in k for p in ("auroc", "ap", "f1"))) + ".")
     lines.append(f"Runs: fine-tune {meta.get('finetune_run_id')}, pretrain {meta.get('pretrain_run_id') or 'none'}; "
                  f"dataset hash {str(meta.get('dataset_hash'))[:16]}.")
     return "\n".join(lines)
@@ -58,13 +62,14 @@ def register(cfg: Config, prepared: Path, classifier_dir: Path, tracker: Tracker
                "teacher_run_id": meta.get("teacher_run_id") or "none",
                "dataset_hash": meta.get("dataset_hash"), "init": meta.get("init"),
                "backbone": meta["backbone"], "head": meta.get("head", "linear"),
-               "classes": ",".join(meta["classes"]), "channels": ",".join(meta["channels"])}
-    schema = {"classes": meta["classes"], "channels": meta["channels"], "img_size": meta["img_size"]}
+               "classes": ",".join(meta["classes"]), "channels": ",".join(meta["channels"]), **task_tags(meta)}
+    schema = {"classes": meta["classes"], "channels": meta["channels"], "img_size": meta["img_size"],
+              "task": meta.get("task", "multiclass")}
+    metadata = {"classes": meta["classes"], "channels": meta["channels"], **task_metadata(meta),
+                "input": f"raw images [N, {meta['in_chans']}, H, W] (or one [{meta['in_chans']}, H, W]), "
+                         "any numeric dtype and size"}
     version = register_classifier(classifier_dir, name, cfg.register.alias, _signature(meta), example, lineage,
-                                  metadata={"classes": meta["classes"], "channels": meta["channels"],
-                                            "input": f"raw images [N, {meta['in_chans']}, H, W] (or one "
-                                                     f"[{meta['in_chans']}, H, W]), any numeric dtype and size"},
-                                  weights_sha256=meta["weights_sha256"], schema=schema,
+                                  metadata=metadata, weights_sha256=meta["weights_sha256"], schema=schema,
                                   allow_schema_change=cfg.register.allow_schema_change,
                                   description=describe(meta, cfg.data.name, metrics),
                                   linked_runs={"output": meta.get("finetune_run_id"), "input": evaluate_run_id})

@@ -22,12 +22,15 @@ from pipeline.engine.checkpoint import CheckpointDir
 from pipeline.engine.state import config_differences
 from pipeline.fsutil import atomic_write_text, folder_lock
 from pipeline.models.backbones import backbone_spec
+from pipeline.models.objectives import OBJECTIVES
 from pipeline.stages.common import block_names, resolve_geometry
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.finetune import finetune, teacher_config
 from pipeline.stages.prepare import prepare, verify_prepared
 from pipeline.stages.pretrain import pretrain
 from pipeline.stages.register import register
+from pipeline.stages.tokenizer import fetch_named, teacher_config as tokenizer_teacher_config, teacher_source as \
+    tokenizer_teacher_source, train_tokenizer
 from pipeline.tracking.artifacts import fetch
 from pipeline.tracking.runs import tracked_run
 from pipeline.weights import read_meta, verify_weights
@@ -154,6 +157,37 @@ def teacher_source(cfg: Config) -> str:
     return teacher
 
 
+def tokenizer_chain(cfg: Config, prepared: Path, stage: Callable) -> Path:
+    """BEiT's visual tokenizer: the `tokenizer` stage, after the MAE `teacher_pretrain` stage whose
+    encoder it distils when tokenizer.teacher=auto (kind vqkd). stage(config, name, fn(acc, tracker))
+    runs one stage in its MLflow run (`mimflow run`'s StageRuns, or the CLI's single stages)."""
+    source, teacher = tokenizer_teacher_source(cfg), None
+    if source == "train":
+        tcfg = tokenizer_teacher_config(cfg)
+        teacher = Path(stage(tcfg, "teacher_pretrain",
+                             lambda acc, t: str(pretrain(tcfg, prepared, acc, t, name="teacher_pretrain"))))
+    elif source != "none":
+        teacher = fetch_named(source, "encoder", "tokenizer.teacher", "teacher encoder", cfg)
+    ref = source if source not in ("train", "none") else None
+    return Path(stage(cfg, "tokenizer", lambda acc, t: str(train_tokenizer(cfg, prepared, teacher, acc, t, ref))))
+
+
+def run_tokenizer(cfg: Config, runs: StageRuns, acc, prepared: Path) -> Path | None:
+    """In `mimflow run`: the tokenizer an objective that predicts visual tokens needs, trained here
+    when pretrain.objective.tokenizer names none (None: the objective needs none, or one is named)."""
+    if OBJECTIVES[cfg.pretrain.objective.name].targets != "tokens" or cfg.pretrain.objective.tokenizer:
+        return None
+
+    def stage(c: Config, name: str, fn: Callable):
+        def body(t):
+            log_config(c, t)
+            return fn(acc, t)
+        # a finished stage's weights are checked against their recorded hash before reuse
+        return runs.stage(name, {"mimflow.stage": name}, body, verify=verify_weights)
+
+    return tokenizer_chain(cfg, prepared, stage)
+
+
 @dataclass(frozen=True)
 class Arm:
     """One classifier the pipeline trains and evaluates: its stages' names and run tags."""
@@ -242,11 +276,14 @@ def choose_arm(cfg: Config, classifiers: dict[str, Path], say: bool) -> str:
     if cfg.register.arm != "best_val" or len(keys) == 1:
         chosen = cfg.register.arm if cfg.register.arm in keys else keys[0]
         return chosen
-    score = {k: read_meta(classifiers[k]).get("val_balanced_accuracy", float("-inf")) for k in keys}
+    metas = {k: read_meta(classifiers[k]) for k in keys}
+    # the score fine-tuning selected its best epoch by: multi-label mAP, else balanced accuracy
+    metric = "map" if any(m.get("task") == "multilabel" for m in metas.values()) else "balanced_accuracy"
+    score = {k: metas[k].get(f"val_{metric}", float("-inf")) for k in keys}
     chosen = max(keys, key=lambda k: score[k])  # ties: the first arm, finetune.init's
     if say:
         other = [k for k in keys if k != chosen]
-        print(f"register: the {chosen} classifier (validation balanced accuracy {score[chosen]:.3f} vs "
+        print(f"register: the {chosen} classifier (validation {metric.replace('_', ' ')} {score[chosen]:.3f} vs "
               + ", ".join(f"{score[k]:.3f} for {k}" for k in other)
               + "); one split and one seed cannot tell small differences apart: `mimflow sweep` measures "
               "them with intervals", flush=True)
@@ -254,7 +291,8 @@ def choose_arm(cfg: Config, classifiers: dict[str, Path], say: bool) -> str:
 
 
 def run_pipeline(cfg: Config) -> dict:
-    """prepare -> pretrain -> (teacher) -> finetune (-> scratch baseline) -> evaluate -> register."""
+    """prepare -> (teacher_pretrain -> tokenizer) -> pretrain -> (teacher) -> finetune (-> scratch
+    baseline) -> evaluate -> register."""
     start = time.time()
     if cfg.checkpoint.resume not in ("auto", "never"):
         raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r}: a checkpoint path is for one stage "
@@ -281,9 +319,11 @@ def _run_stages(cfg: Config, acc, summary: dict, start: float, asked: dict) -> d
         cfg = runs.cfg = resolve_geometry(cfg, prepared, say=acc.is_main_process)
         encoder = None
         if cfg.finetune.init == "pretrained":
+            tokenizer = run_tokenizer(cfg, runs, acc, prepared)
+
             def _pretrain(t):
                 log_config(cfg, t)
-                return str(pretrain(cfg, prepared, acc, t))
+                return str(pretrain(cfg, prepared, acc, t, tokenizer_dir=tokenizer))
             encoder = Path(runs.stage("pretrain", {"mimflow.stage": "pretrain"}, _pretrain, verify=verify_weights))
         if not select(load_manifest(prepared / "manifest.csv"), "train"):
             # An unlabelled-only data set: pretraining is the job; its encoder is the product.

@@ -1,8 +1,9 @@
 """The registered model (logged *from code*, never cloudpickled).
 
 predict() takes raw, unnormalised images [N, C, H, W] (or one [C, H, W]) in the units the data
-came in, applies the saved channel statistics and the evaluation resize itself, and returns the
-class probabilities as a table with one column per class name (rows sum to 1). Its input checks
+came in, applies the saved channel statistics and the evaluation resize itself, and returns a table
+by task (tracking/outputs.py): multi-class, one probability column per class name (rows sum to 1);
+multi-label, one probability column per label and the predicted label sets. Its input checks
 run before anything else: a wrong channel count, rank or dtype is refused with a message saying
 what was expected (the signature leaves C open so that this message, not a dump of the input, is
 what a caller sees).
@@ -21,12 +22,13 @@ class MimflowClassifier(PythonModel):
 
         from pipeline.data.stats import Normalizer
         from pipeline.data.transforms import eval_transform
+        from pipeline.tracking.outputs import model_outputs
         from pipeline.weights import load_classifier
 
         self.model, self.meta = load_classifier(context.artifacts["classifier"])  # eval mode
         self.normalize = Normalizer(self.meta["stats"])
         self.resize = eval_transform(self.meta["img_size"])  # exactly what `evaluate` applies
-        self.torch = torch
+        self.torch, self.outputs = torch, model_outputs
 
     def _validate(self, x) -> np.ndarray:
         m = self.meta
@@ -44,14 +46,14 @@ class MimflowClassifier(PythonModel):
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
         """model_input: raw images [N, C, H, W] or [C, H, W], any numeric dtype, any H, W ->
-        probabilities [N, K] as a DataFrame whose columns are the class names."""
+        probabilities [N, K] as a DataFrame whose columns are the class (label) names, and for a
+        multi-label classifier the predicted label sets (tracking/outputs.py)."""
         x = self.normalize(self._validate(model_input))  # [N, C, H, W]
         if x.shape[2:] != (self.meta["img_size"],) * 2:
             x = np.stack([self.resize(image=i.transpose(1, 2, 0))["image"].transpose(2, 0, 1) for i in x])
         with self.torch.no_grad():
             logits = self.model(self.torch.from_numpy(x))
-        probs = self.torch.softmax(logits, dim=1).numpy().astype(np.float32)
-        return pd.DataFrame(probs, columns=self.meta["classes"])
+        return self.outputs(logits, self.meta)
 
 
 mlflow.models.set_model(MimflowClassifier())

@@ -1,5 +1,6 @@
 """End to end on the bundled Landsat data, one recipe per family (debug sizes): SimMIM + Swin ->
-Swin classifier; MAE + ViT -> distilled DeiT with a ResNet-18 teacher; MAE -> linear probe.
+Swin classifier; MAE + ViT -> distilled DeiT with a ResNet-18 teacher; MAE -> linear probe;
+MAE teacher -> VQ-KD tokenizer -> BEiT -> BEiT classifier.
 Each registered pyfunc model predicts raw held-out tiles exactly as its evaluate stage scored them."""
 import json
 
@@ -94,4 +95,54 @@ def test_linear_probe_trains_only_the_head(prepared_landsat, tmp_path):
         assert np.array_equal(classifier[k].numpy(), v.numpy()), k  # the encoder did not move
     assert classifier_meta(tmp_path, "landsat_probe_tiny", "finetune")["head"] == "probe"
     assert_registered_model_reproduces_evaluate(client, tmp_path, prepared_landsat, "landsat-probe-tiny",
+                                                runs["evaluate"])
+
+
+def test_beit_with_a_tokenizer_learned_on_the_pool(prepared_landsat, tmp_path):
+    from pipeline.engine.checkpoint import CheckpointDir, read_checkpoint, unflatten_state
+    from pipeline.stages.tokenizer import weights_sha256
+    from pipeline.tracking.artifacts import fetch
+
+    out, client = run_recipe("landsat_beit_tiny", tmp_path, prepared_landsat, "finetune.compare_scratch=false")
+    runs = runs_by_name(client)
+    assert {"teacher_pretrain", "tokenizer", "pretrain", "finetune", "evaluate", "register"} <= set(runs)
+    tok = runs["tokenizer"]
+    for key in ("codebook/perplexity", "codebook/usage", "codebook/dead_codes", "codebook/recon_loss"):
+        assert [m.step for m in client.get_metric_history(tok.info.run_id, key)] == [1, 2], key  # per epoch
+    assert client.get_metric_history(tok.info.run_id, "codebook/perplexity")[-1].value > 1
+    assert tok.data.tags["mimflow.codebook_collapse"] == "false"
+    assert "token_maps/token_maps_epoch002.png" in {a.path for a in client.list_artifacts(tok.info.run_id, "token_maps")}
+    assert "codes used, perplexity" in out
+    run_dir = tmp_path / "runs" / "landsat_beit_tiny"
+    meta = json.loads((run_dir / "tokenizer" / "tokenizer" / "meta.json").read_text())
+    assert meta["kind"] == "tokenizer" and meta["tokenizer_kind"] == "vqkd" and meta["architecture"]["codebook_size"] == 16
+    assert meta["teacher"]["pretrain_run_id"] == runs["teacher_pretrain"].info.run_id
+    # the registered tokenizer is the logged folder
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        fetched = fetch("models:/landsat-beit-tiny-tokenizer@candidate", "tokenizer")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert weights_sha256(fetched) == weights_sha256(run_dir / "tokenizer" / "tokenizer")
+
+    pre = runs["pretrain"]
+    accuracy = client.get_metric_history(pre.info.run_id, "pretrain/token_accuracy")
+    assert accuracy and all(0 <= m.value <= 1 for m in accuracy)
+    assert "token_predictions/tokens_epoch002.png" in {a.path for a in client.list_artifacts(pre.info.run_id,
+                                                                                              "token_predictions")}
+    # the checkpoint holds the tokenizer's reference and hash, not its weights
+    tensors, state = read_checkpoint(CheckpointDir(run_dir / "pretrain" / "checkpoints").latest())
+    shared = unflatten_state(state["tree"], tensors)["shared"]
+    assert set(shared["model"]) >= {"mask_token", "lm_head.weight"}
+    assert not any("tokenizer" in k or "quantizer" in k for k in shared["model"])
+    assert shared["tokenizer"]["sha256"] == weights_sha256(run_dir / "tokenizer" / "tokenizer")
+    encoder = json.loads((run_dir / "pretrain" / "encoder" / "meta.json").read_text())
+    assert encoder["objective"] == "beit" and encoder["family"] == "beit"
+    assert encoder["tokenizer"]["run_id"] == tok.info.run_id
+    clf = classifier_meta(tmp_path, "landsat_beit_tiny", "finetune")
+    assert clf["backbone"] == "beit_debug" and clf["pretrain_run_id"] == pre.info.run_id
+    assert runs["finetune"].data.params["finetune.optimizer.layer_decay"] == "0.65"  # BEiT's recipe
+    version = client.get_model_version_by_alias("landsat-beit-tiny", "candidate")
+    assert version.tags["backbone"] == "beit_debug" and version.tags["pretrain_run_id"] == pre.info.run_id
+    assert_registered_model_reproduces_evaluate(client, tmp_path, prepared_landsat, "landsat-beit-tiny",
                                                 runs["evaluate"])

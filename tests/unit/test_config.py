@@ -63,7 +63,7 @@ def test_each_objective_has_its_own_section_and_its_own_unknown_keys():
     assert cfg.pretrain.objective.name == "simmim" and cfg.pretrain.objective.mask_patch_size == 4
     with pytest.raises(ConfigError, match=r"pretrain\.objective\.decoder_dim: unknown key for objective 'simmim'"):
         load_config(None, ["pretrain.objective.name=simmim", "pretrain.objective.decoder_dim=32"])
-    with pytest.raises(ConfigError, match=r"unknown objective 'nope'; known: \['mae', 'simmim'"):
+    with pytest.raises(ConfigError, match=r"unknown objective 'nope'; known: \['beit', 'mae', 'simmim'"):
         load_config(None, ["pretrain.objective=nope"])
 
 
@@ -112,3 +112,45 @@ def test_resume_safe_keys_are_declared_by_the_config_itself():
     safe = resume_safe_keys()
     assert {"run.quiet", "run.num_workers", "data.root", "tracking", "pretrain.log_every_steps"} <= safe
     assert not {"run.seed", "pretrain.objective", "model.backbone", "finetune.optimizer"} & safe
+
+
+def test_beit_fine_tuning_starts_from_beits_recipe_under_the_recipes_own_keys():
+    beit = load_config(None, ["pretrain.objective=beit", "model.backbone=beit_debug"])
+    assert beit.finetune.optimizer.layer_decay == 0.65 and beit.finetune.optimizer.betas == (0.9, 0.999)
+    own = load_config(None, ["pretrain.objective=beit", "model.backbone=beit_debug", "finetune.optimizer.layer_decay=0.9"])
+    assert own.finetune.optimizer.layer_decay == 0.9 and own.finetune.optimizer.weight_decay == 0.05
+    assert load_config(None, []).finetune.optimizer.layer_decay == 0.75  # MAE's stays
+    probe = load_config(None, ["pretrain.objective=beit", "model.backbone=beit_debug", "finetune.mode=probe"])
+    assert probe.finetune.optimizer.name == "lars" and probe.finetune.optimizer.layer_decay is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("tokenizer.encoder=swin_debug", "tokenizer.encoder: 'swin_debug' is not a ViT variant"),
+    ("tokenizer.encoder=vit_nope", "tokenizer.encoder: unknown backbone 'vit_nope'"),
+    ("tokenizer.teacher_backbone=resnet_debug", "tokenizer.teacher_backbone: 'resnet_debug' has no patch features"),
+    ("tokenizer.kind=dall_e", r"tokenizer\.kind: Input should be 'vqkd' or 'vqvae'"),
+    ("tokenizer.codebok_size=3", r"tokenizer\.codebok_size: unknown key"),
+])
+def test_tokenizer_section_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["pretrain.objective=beit", "model.backbone=beit_debug", override])
+
+
+def test_beit_refuses_a_hierarchical_backbone_and_an_empty_mask():
+    with pytest.raises(ConfigError, match="objective 'beit' cannot pretrain backbone 'swin_debug'"):
+        load_config(None, ["pretrain.objective=beit", "model.backbone=swin_debug"])
+    with pytest.raises(ConfigError, match="mask_ratio=0.01 masks no patch of the 4 x 4 patch grid"):
+        load_config(None, ["pretrain.objective=beit", "model.backbone=beit_debug", "model.img_size=16",
+                           "model.patch_size=4", "pretrain.objective.mask_ratio=0.01"])
+
+
+def test_switching_objective_by_override_drops_the_recipes_keys_of_the_other_one(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("pretrain: {objective: {name: mae, decoder_dim: 16}}\n"
+                      "finetune: {optimizer: {name: adamw, base_lr: 0.01}}\n")
+    cfg = load_config(recipe, ["pretrain.objective=beit", "pretrain.objective.tokenizer=/some/tokenizer",
+                               "finetune.optimizer.name=sgd"])
+    assert cfg.pretrain.objective.name == "beit" and cfg.pretrain.objective.tokenizer == "/some/tokenizer"
+    assert cfg.finetune.optimizer.base_lr == 0.01  # other tagged-by-name sections still merge
+    same = load_config(recipe, ["pretrain.objective.mask_ratio=0.5"])
+    assert same.pretrain.objective.decoder_dim == 16 and same.pretrain.objective.mask_ratio == 0.5

@@ -36,6 +36,12 @@ class ObjectiveSpec:
         cannot be trained (called at config load on a meta-device encoder).
     block_classes: the objective's own transformer blocks (e.g. MAE's decoder), for FSDP.
     debug: section values of the objective's tiny variant, used by the tests.
+    targets: what it predicts. "pixels": the module's reconstruct(images, mask) serves the
+        figures. "tokens": the visual tokens of a frozen tokenizer, which build() takes as
+        `tokenizer=` (the pretrain stage loads it) and the module's predict_tokens(images, mask)
+        serves the figures.
+    finetune_optimizer: finetune.optimizer defaults for an encoder it pretrained (its paper's
+        fine-tuning recipe); the recipe's own keys win.
     """
     name: str
     Config: type[ObjectiveConfig]
@@ -46,6 +52,8 @@ class ObjectiveSpec:
     check: Callable[..., None] = lambda section, encoder, backbone, img_size: None
     block_classes: tuple[type, ...] = ()
     debug: dict = field(default_factory=dict)
+    targets: str = "pixels"
+    finetune_optimizer: dict = field(default_factory=dict)
 
     def check_backbone(self, backbone: BackboneSpec, name: str) -> None:
         if backbone.encoder_family not in self.supports:

@@ -10,6 +10,7 @@ import rasterio
 from PIL import Image
 from rasterio.transform import from_origin
 
+from card_files import write_ben_patch, write_chestxray
 from pipeline.data.manifest import load_manifest
 from pipeline.data.readers import read_image, read_raster
 
@@ -119,32 +120,14 @@ def test_eurosat_rgb_jpeg_variant(tmp_path):
 
 # ---------------------------------------------------------------- BigEarthNet
 
-BEN_SIZES = {"B01": 20, "B09": 20, "B02": 120, "B03": 120, "B04": 120, "B08": 120,
-             "B05": 60, "B06": 60, "B07": 60, "B8A": 60, "B11": 60, "B12": 60}
-
-
-def _ben_patch(src: Path, name: str, labels: list[str], x0: float, value: int = 100) -> None:
-    folder = src / "BigEarthNet-v1.0" / name
-    folder.mkdir(parents=True)
-    for band, size in BEN_SIZES.items():
-        res = 1200 / size
-        with rasterio.open(folder / f"{name}_{band}.tif", "w", driver="GTiff", width=size, height=size,
-                           count=1, dtype="uint16", crs="EPSG:32634",
-                           transform=from_origin(x0, 4800000, res, res)) as dst:
-            dst.write(np.full((1, size, size), value + int(band[1:3].replace("A", "")), np.uint16))
-    meta = {"labels": labels, "coordinates": {"ulx": x0, "uly": 4800000}, "tile_source": "T34",
-            "acquisition_date": "2017-06-13 10:10:31"}
-    (folder / f"{name}_labels_metadata.json").write_text(json.dumps(meta))
-
-
 def test_bigearthnet_resamples_bands_and_maps_labels(tmp_path):
     src = tmp_path / "src"
-    _ben_patch(src, "S2A_MSIL2A_20170613T101031_0_0", ["Coniferous forest", "Water bodies"], 400000)
-    _ben_patch(src, "S2A_MSIL2A_20170613T101031_0_1", ["Discontinuous urban fabric", "Airports"], 401200)
-    _ben_patch(src, "S2A_MSIL2A_20170613T101031_0_2", ["Airports"], 402400)  # nothing left in 19 classes
-    _ben_patch(src, "S2A_MSIL2A_20170613T101031_0_9", ["Pastures"], 450000)
-    _ben_patch(src, "S2A_MSIL2A_20170613T101031_5_5", ["Sea and ocean"], 480000)
-    _ben_patch(src, "S2A_MSIL2A_20170613T101031_7_7", ["Peatbogs"], 500000)
+    write_ben_patch(src, "S2A_MSIL2A_20170613T101031_0_0", ["Coniferous forest", "Water bodies"], 400000)
+    write_ben_patch(src, "S2A_MSIL2A_20170613T101031_0_1", ["Discontinuous urban fabric", "Airports"], 401200)
+    write_ben_patch(src, "S2A_MSIL2A_20170613T101031_0_2", ["Airports"], 402400)  # nothing left in 19 classes
+    write_ben_patch(src, "S2A_MSIL2A_20170613T101031_0_9", ["Pastures"], 450000)
+    write_ben_patch(src, "S2A_MSIL2A_20170613T101031_5_5", ["Sea and ocean"], 480000)
+    write_ben_patch(src, "S2A_MSIL2A_20170613T101031_7_7", ["Peatbogs"], 500000)
     (src / "patches_with_seasonal_snow.csv").write_text("S2A_MSIL2A_20170613T101031_7_7\n")
     mod = load("bigearthnet")
     info = mod.build(src, tmp_path / "out", block_m=12000.0)
@@ -166,7 +149,7 @@ def test_bigearthnet_resamples_bands_and_maps_labels(tmp_path):
 
 
 def test_bigearthnet_43_classes_and_output_size(tmp_path):
-    _ben_patch(tmp_path / "src", "S2B_MSIL2A_20180204T094029_1_1", ["Airports", "Salines"], 400000)
+    write_ben_patch(tmp_path / "src", "S2B_MSIL2A_20180204T094029_1_1", ["Airports", "Salines"], 400000)
     mod = load("bigearthnet")
     info = mod.build(tmp_path / "src", tmp_path / "out", size=64, nomenclature=43, exclude_noisy=False)
     rows = check_common(tmp_path / "out", info)
@@ -192,21 +175,7 @@ CXR_ROWS = [  # Image Index, Finding Labels, Patient ID, View Position
 
 
 def _chestxray(src: Path, official: bool = True, rgba: str = "00000004_000.png") -> None:
-    header = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
-              "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
-              "OriginalImagePixelSpacing[x", "y]", ""]
-    src.mkdir(parents=True)
-    with open(src / "Data_Entry_2017.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for name, labels, pid, view in CXR_ROWS:
-            w.writerow([name, labels, 0, pid, 58, "M", view, 1024, 1024, 0.143, 0.143, ""])
-    for i, (name, _, _, _) in enumerate(CXR_ROWS):
-        folder = src / f"images_00{1 + i // 4}" / "images"
-        folder.mkdir(parents=True, exist_ok=True)
-        gray = np.full((32, 32), 10 * i, np.uint8)
-        im = Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 255)])) if name == rgba else Image.fromarray(gray)
-        im.save(folder / name)
+    write_chestxray(src, CXR_ROWS, rgba=rgba)
     if official:
         (src / "test_list.txt").write_text("00000003_000.png\n00000003_001.png\n00000006_000.png\n")
         (src / "train_val_list.txt").write_text("\n".join(r[0] for r in CXR_ROWS if r[2] not in "36") + "\n")

@@ -6,9 +6,11 @@ import torch
 
 from pipeline.models.backbones import BACKBONES, DEBUG_BACKBONES, FAMILIES, create_encoder
 from pipeline.models.objectives import OBJECTIVES
+from pipeline.models.tokenizer import debug_tokenizer
 
 PAIRS = [(o, b) for o in sorted(OBJECTIVES) for b in DEBUG_BACKBONES
          if BACKBONES[b].encoder_family in OBJECTIVES[o].supports]
+PIXEL_PAIRS = [(o, b) for o, b in PAIRS if OBJECTIVES[o].targets == "pixels"]
 
 
 def build_pair(objective: str, backbone: str, in_chans: int, img: int, patch: int, fresh: bool = True,
@@ -19,7 +21,10 @@ def build_pair(objective: str, backbone: str, in_chans: int, img: int, patch: in
     section = spec.Config(**spec.debug)
     encoder = encoder if encoder is not None else create_encoder(backbone, img, patch, in_chans)
     spec.check(section, encoder, family, img)
-    return spec.build(encoder, family, section, fresh=fresh), spec, section, family
+    # an objective that predicts visual tokens gets a tiny (untrained, random-codebook) tokenizer
+    extra = {"tokenizer": debug_tokenizer(create_encoder("vit_debug", img, patch, in_chans))} \
+        if spec.targets == "tokens" else {}
+    return spec.build(encoder, family, section, fresh=fresh, **extra), spec, section, family
 
 
 def masks_for(model, spec, section, family, img: int, batch: int, seed: int = 0):

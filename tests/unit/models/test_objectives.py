@@ -4,13 +4,14 @@ import torch
 
 from pipeline.models.backbones import BACKBONES, FAMILIES, create_backbone, create_encoder
 from pipeline.models.objectives import OBJECTIVES
-from registry_pairs import PAIRS, build_pair, masks_for
+from registry_pairs import PAIRS, PIXEL_PAIRS, build_pair, masks_for
 
 
 def test_the_registries_hold_what_the_users_were_promised():
-    assert {"mae", "simmim"} <= set(OBJECTIVES)
-    assert {"vit", "deit", "swin", "resnet"} <= set(FAMILIES)
+    assert {"mae", "simmim", "beit"} <= set(OBJECTIVES)
+    assert {"vit", "deit", "swin", "beit", "resnet"} <= set(FAMILIES)
     assert ("simmim", "swin_debug") in PAIRS and ("mae", "deit_debug") in PAIRS and ("mae", "vit_debug") in PAIRS
+    assert ("beit", "beit_debug") in PAIRS and ("beit", "vit_debug") in PAIRS and ("beit", "swin_debug") not in PAIRS
     assert not any(b == "resnet_debug" for _, b in PAIRS)  # no masked-image objective for a CNN
 
 
@@ -87,7 +88,7 @@ def test_wrong_channel_count_names_the_shape():
         model(torch.randn(2, 3, 16, 16))
 
 
-@pytest.mark.parametrize("objective,backbone", PAIRS)
+@pytest.mark.parametrize("objective,backbone", PIXEL_PAIRS)
 def test_reconstruction_keeps_visible_patches_and_fills_masked_ones(objective, backbone):
     torch.manual_seed(0)
     model, spec, section, family = build_pair(objective, backbone, 2, 16, 4)

@@ -9,6 +9,7 @@ from pipeline.models.transfer import load_encoder
 HEADS = {"vit_debug": {"head.weight", "head.bias"},
          "deit_debug": {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"},
          "swin_debug": {"head.fc.weight", "head.fc.bias"},
+         "beit_debug": {"head.weight", "head.bias"},
          "resnet_debug": {"fc.weight", "fc.bias"}}
 
 
@@ -94,3 +95,30 @@ def test_timm_local_weight_file_loads_without_network(tmp_path):
     model = BACKBONES["vit_debug"].build(BACKBONES["vit_debug"].variants["vit_debug"], img_size=16, patch_size=4,
                                          in_chans=3, num_classes=7, pretrained_file=str(tmp_path / "weights.safetensors"))
     torch.testing.assert_close(model.pos_embed, src.pos_embed)
+
+
+def test_beit_relative_position_tables_follow_a_new_image_size():
+    enc = create_encoder("beit_debug", 16, 4, 5).state_dict()  # 4 x 4 grid: tables [(2*4-1)^2 + 3, heads]
+    clf = create_backbone("beit_debug", 32, 4, 5, num_classes=3)  # 8 x 8 grid
+    fresh = load_encoder(clf, enc, BACKBONES["beit_debug"]).fresh
+    assert fresh == {"head.weight", "head.bias"}
+    key = "blocks.0.attn.relative_position_bias_table"
+    assert enc[key].shape == (7 * 7 + 3, 2) and clf.state_dict()[key].shape == (15 * 15 + 3, 2)
+    # the 3 class-token entries are carried over as they are
+    torch.testing.assert_close(clf.state_dict()[key][-3:], enc[key][-3:])
+    assert clf.eval()(torch.randn(2, 5, 32, 32)).shape == (2, 3)
+
+
+def test_beit_tables_that_cannot_be_resized_are_refused_naming_the_sizes():
+    enc = create_encoder("beit_debug", 16, 4, 3).state_dict()
+    enc["blocks.0.attn.relative_position_bias_table"] = torch.zeros(7 * 7 + 3, 4)  # 4 heads, the model has 2
+    clf = create_backbone("beit_debug", 32, 4, 3, num_classes=2)
+    with pytest.raises(ValueError, match=r"relative position bias tables .*8 x 8 patch grid.*\(228, 2\)"):
+        load_encoder(clf, enc, BACKBONES["beit_debug"])
+
+
+def test_beit_encoder_of_another_channel_count_is_refused():
+    enc = create_encoder("beit_debug", 16, 4, 3).state_dict()
+    clf = create_backbone("beit_debug", 16, 4, 13, num_classes=2)
+    with pytest.raises(ValueError, match="channel count or patch size differ"):
+        load_encoder(clf, enc, BACKBONES["beit_debug"])
