@@ -45,7 +45,7 @@ class RunConfig(_Section):
     # a non-finite loss skips its optimizer step; this many in a row stop the run
     max_consecutive_nonfinite: int = resume_safe(5, ge=1)
     # torch.compile the objective's step where it offers one (MAE: everything but the mask draw):
-    # ~5 % faster at ViT-S on CPU after ~2 min of compiling; a compile error falls back to eager
+    # 0-5 % faster at ViT-S on a 2-core CPU after ~110 s of compiling; a compile error falls back to eager
     compile: bool = False
     # torch threads on CPU (None: torch's default, one per core); on a CPU shared with other
     # work fewer threads can be much faster (scripts/bench_pretrain.py)
