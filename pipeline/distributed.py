@@ -19,6 +19,8 @@ def make_accelerator(run: RunConfig, blocks: tuple[str, ...] = ("Block",)) -> Ac
         raise RuntimeError("run.device=cuda but no CUDA device is visible")
     if run.fsdp and cpu:
         raise RuntimeError("run.fsdp=true needs CUDA devices (accelerate runs plain DDP on CPU)")
+    if cpu and run.cpu_threads:
+        torch.set_num_threads(run.cpu_threads)
     # Shuffles are a function of (seed, epoch): the same on every rank, and a resumed epoch draws
     # the same order again, whatever data-loader workers did with the loader's generator.
     loaders = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed)

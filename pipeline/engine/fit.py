@@ -89,6 +89,19 @@ class Fitted:
     best: BestWeights | None  # when on_epoch_end returned a "score"
 
 
+def compile_step(model: torch.nn.Module, run) -> bool:
+    """run.compile: compile the objective's step where the module offers one (`compile_step()`;
+    MAE compiles its maths, its masks stay eager) -> whether compilation is on."""
+    module = getattr(model, "module", model)  # under DDP
+    if not run.compile:
+        return False
+    if not hasattr(module, "compile_step"):
+        print(f"run.compile: {type(module).__name__} offers no compiled step; it runs eager", flush=True)
+        return False
+    module.compile_step()
+    return True
+
+
 def fit(cfg: Config, task: Task, accelerator: Accelerator, tracker: Tracker) -> Fitted:
     """Train `task` to its last epoch, resuming from the stage's newest checkpoint when there is one."""
     acc, opt = accelerator, task.optimizer
@@ -97,8 +110,9 @@ def fit(cfg: Config, task: Task, accelerator: Accelerator, tracker: Tracker) -> 
     generator = loader.generator  # the shuffle's; a checkpoint holds its state at the epoch start
     global_batch = task.batch_size_per_device * acc.num_processes * cfg.run.gradient_accumulation_steps
     lr = scaled_lr(opt.base_lr, global_batch)
-    optimizer = make_optimizer(task.model, lr, opt)
+    optimizer = make_optimizer(task.model, lr, opt, fused=not cfg.run.fsdp)
     model, optimizer, loader = acc.prepare(task.model, optimizer, loader)
+    compile_step(model, cfg.run)
     seed_per_rank(acc, cfg.run.seed)
     # accelerate syncs at the end of the loader too, so a partial accumulation window is a step
     steps_per_epoch = math.ceil(len(loader) / cfg.run.gradient_accumulation_steps)

@@ -16,12 +16,19 @@ def scaled_lr(base_lr: float, global_batch_size: int) -> float:
     return base_lr * global_batch_size / 256
 
 
-def make_optimizer(model: nn.Module, lr: float, opt: OptimizerConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float, opt: OptimizerConfig, fused: bool = True) -> torch.optim.Optimizer:
     """Only parameters that require grad are optimised (a linear probe's frozen encoder is not).
     Layer decay needs timm's group_matcher (timm ViT/DeiT/Swin/BEiT); other models (a torchvision
-    ResNet, a masked-image-modelling wrapper) train with one lr."""
+    ResNet, a masked-image-modelling wrapper) train with one lr.
+
+    fused: AdamW as torch's fused kernel (one pass over each tensor; CPU and CUDA): the same
+    update as the for-loop form torch picks on CPU by default, which costs a second or more per
+    step at ViT-S + MAE decoder size on 2 cores (scripts/bench_pretrain.py). Off for FSDP's
+    sharded parameters."""
     layer_decay = opt.layer_decay if hasattr(model, "group_matcher") else None
     extra = {"betas": tuple(opt.betas)} if opt.name in ("adamw", "lamb") else {"momentum": opt.momentum}
+    if opt.name == "adamw" and fused:
+        extra["fused"] = True
     optimizer = create_optimizer_v2(model, opt=opt.name, lr=lr, weight_decay=opt.weight_decay,
                                     layer_decay=layer_decay, **extra)
     # timm leaves the per-layer factor in `lr_scale` for its own schedulers; torch's schedulers

@@ -1,16 +1,26 @@
-"""MAE (He et al. 2021) around a stock timm ViT, built from lightly's masked-ViT modules."""
+"""MAE (He et al. 2021) around a stock timm ViT, built from lightly's masked-ViT modules.
+
+Two forms of the same step, chosen by `MAE.fast` (on wherever `pipeline.models.fast` knows the
+modules): the reference is lightly's (embed all patches, keep 25 %, decode every token, read the
+masked ones); the fast form embeds only the kept patches and runs the last decoder block's
+queries, MLP and the prediction head only at the masked tokens the loss reads. Both give the same
+loss and gradients (tests/unit/models/test_mae_fast.py); `scripts/bench_pretrain.py` times them.
+"""
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 from lightly.models import utils
 from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
 from pydantic import Field
+from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from pipeline.configbase import ObjectiveConfig
+from pipeline.models import fast as fastvit
 from pipeline.models.objectives import ObjectiveSpec
 
 
@@ -27,7 +37,7 @@ class MAEConfig(ObjectiveConfig):
 class MAE(nn.Module):
     def __init__(self, vit: VisionTransformer, mask_ratio: float = 0.75, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
-                 fresh: bool = True):
+                 fresh: bool = True, fast: bool = True):
         super().__init__()
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
@@ -48,6 +58,9 @@ class MAE(nn.Module):
             num_patches=vit.patch_embed.num_patches, embed_dim=decoder_dim,
             depth=decoder_depth, num_heads=decoder_heads, num_prefix_tokens=vit.num_prefix_tokens)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * self.in_chans)
+        # the fast form where its pieces know the modules exactly (a stock timm ViT and Block)
+        self.fast = fast and fastvit.can_embed_kept_patches(vit) and fastvit.can_run_rows(self.decoder.blocks[-1])
+        self.compiled_loss_at = None  # compile_step() sets it (run.compile)
 
     @property
     def encoder(self) -> VisionTransformer:
@@ -59,15 +72,29 @@ class MAE(nn.Module):
                                        mask_ratio=self.mask_ratio, device=device)
 
     def forward_encoder(self, images: torch.Tensor, idx_keep: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode(images=images, idx_keep=idx_keep)  # [B, 1 + L_keep, D]
+        """images [B, C, H, W], idx_keep [B, 1 + K] -> encoded kept tokens [B, 1 + K, D]."""
+        if not self.fast:
+            return self.backbone.encode(images=images, idx_keep=idx_keep)
+        vit = self.backbone.vit
+        x = fastvit.embed_kept_patches(vit, images, idx_keep)  # [B, 1 + K, D]
+        x = checkpoint_seq(vit.blocks, x) if self.backbone.grad_checkpointing and x.requires_grad else vit.blocks(x)
+        return vit.norm(x)
 
     def forward_decoder(self, x_encoded, idx_keep, idx_mask) -> torch.Tensor:
-        """-> predicted pixels of the masked patches [B, L_mask, P*P*C]."""
+        """-> predicted pixels of the masked patches [B, L_mask, P*P*C] (lightly's patch order)."""
         x = self.decoder_embed(x_encoded)  # [B, 1 + L_keep, Dd]
         tokens = utils.repeat_token(self.decoder.mask_token, (x.shape[0], self.sequence_length))
         tokens = utils.set_at_index(tokens, idx_keep, x.type_as(tokens))  # [B, 1 + L, Dd]
-        tokens = self.decoder.decode(self.decoder.add_pos_embed(tokens))
-        return self.decoder_pred(utils.get_at_index(tokens, idx_mask))
+        tokens = self.decoder.add_pos_embed(tokens)
+        if not self.fast:
+            return self.decoder_pred(utils.get_at_index(self.decoder.decode(tokens), idx_mask))
+        # Every block but the last needs all tokens (they are the last one's keys and values);
+        # of the last one's output the loss reads the masked tokens only.
+        *blocks, last = self.decoder.blocks
+        for block in blocks:
+            tokens = block(tokens)
+        masked = fastvit.block_rows(last, tokens, idx_mask)  # [B, L_mask, Dd]
+        return self.decoder_pred(self.decoder.norm(masked))
 
     def forward_loss(self, images, pred, idx_mask) -> torch.Tensor:
         # idx_mask counts the class token as position 0; patches start at 0.
@@ -78,6 +105,26 @@ class MAE(nn.Module):
             target = (target - mean) / (var + 1e-6) ** 0.5
         return ((pred - target) ** 2).mean()
 
+    def loss_at(self, images: torch.Tensor, idx_keep: torch.Tensor, idx_mask: torch.Tensor):
+        """The step's maths for given masks: images [B, C, H, W] -> (loss, pred [B, L_mask, P*P*C]).
+        No randomness and no data-dependent shapes: what `run.compile` compiles."""
+        pred = self.forward_decoder(self.forward_encoder(images, idx_keep), idx_keep, idx_mask)
+        return self.forward_loss(images, pred, idx_mask), pred
+
+    def compile_step(self) -> None:
+        """torch.compile `loss_at` (the masks are drawn eagerly, so the random stream is as ever).
+        Compilation happens at the first step; if it fails, that step and all later ones run eager."""
+        self.compiled_loss_at = torch.compile(self.loss_at)
+
+    def _loss(self, images, idx_keep, idx_mask):
+        if self.compiled_loss_at is not None and torch.is_grad_enabled():  # plots stay eager: no second compile
+            try:
+                return self.compiled_loss_at(images, idx_keep, idx_mask)
+            except Exception as err:  # inductor needs a C++ compiler, and not every graph compiles
+                warnings.warn(f"MAE: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running eager")
+                self.compiled_loss_at = None
+        return self.loss_at(images, idx_keep, idx_mask)
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """images [B, C, H, W] -> loss, pred [B, L_mask, P*P*C], mask [B, L] (1 = masked).
         MAE draws its own masks (torch RNG); `mask` must be None."""
@@ -86,9 +133,8 @@ class MAE(nn.Module):
         B, C = images.shape[:2]
         if C != self.in_chans:
             raise ValueError(f"MAE expects {self.in_chans} channels, got images of shape {tuple(images.shape)}")
-        idx_keep, idx_mask = self.random_masking(B, images.device)
-        pred = self.forward_decoder(self.forward_encoder(images, idx_keep), idx_keep, idx_mask)
-        loss = self.forward_loss(images, pred, idx_mask)
+        idx_keep, idx_mask = self.random_masking(B, images.device)  # eager: torch's RNG stream, as ever
+        loss, pred = self._loss(images, idx_keep, idx_mask)
         mask = torch.zeros(B, self.sequence_length - 1, device=images.device)
         mask.scatter_(1, idx_mask - 1, 1.0)
         return {"loss": loss, "pred": pred, "mask": mask, "idx_mask": idx_mask, "metrics": {}}

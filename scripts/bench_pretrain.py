@@ -1,0 +1,398 @@
+"""One MAE pretraining step, side by side: mimflow vs Hugging Face ViTMAE vs lightly + timm.
+
+Each arm is a full training step (forward, loss, backward, AdamW step) on the same random batch:
+  mimflow   the pretrain stage's step exactly as it runs: the model from `build_mim_model`, the
+            optimizer from `make_optimizer`, `accelerate` prepare, `engine.loop.train_one_epoch`
+            over one batch (its non-finite check and loss read-back included)
+  hf        transformers' `ViTMAEForPreTraining` (SDPA attention), torch AdamW at its defaults
+  lightly   lightly's masked ViT + decoder around a timm ViT, written as lightly's MAE example
+            (norm-pix target added), torch AdamW at its defaults
+All three at the same geometry: the timm encoder `--encoder` (ViT-S: width 384, depth 12, 6 heads),
+a decoder `--decoder-dim` wide x `--decoder-depth` deep x `--decoder-heads` heads, mask ratio 0.75,
+per-patch normalised pixel loss. Rounds are interleaved (the arms' order rotates each round) so
+that load from other processes falls on all arms alike; images/s is the median over rounds
+(spread: min..max). Training FLOPs per image are counted by torch.utils.flop_counter on one eager
+forward + backward (the optimizer's elementwise work is not counted); MFU = achieved FLOP/s over
+the best fp32 (or --dtype) GEMM throughput measured in this same run (before and after the
+rounds). Memory: each arm's peak above its built model, in a fresh process of its own (CPU: peak
+RSS over two steps; CUDA: peak allocated), so the arms do not see each other's caches.
+
+Usage:
+  python scripts/bench_pretrain.py                       # ViT-S/16, 224 px, batch 16, CPU fp32
+  python scripts/bench_pretrain.py --batch 8 --img 112 --rounds 5
+  python scripts/bench_pretrain.py --device cuda --dtype bf16 --batch 64
+  python scripts/bench_pretrain.py --profile             # + torch.profiler table of mimflow's step
+Peers are benchmark-only dependencies: pip install -e '.[bench]'.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's pipeline, whichever one the venv was installed from
+
+ARMS = ("mimflow", "hf", "lightly")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--img", type=int, default=224)
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--encoder", default="vit_small", help="mimflow backbone name (timm ViT)")
+    p.add_argument("--decoder-dim", type=int, default=512)
+    p.add_argument("--decoder-depth", type=int, default=8)
+    p.add_argument("--decoder-heads", type=int, default=16)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (one step per arm each)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm first (the first counts FLOPs)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-arm memory processes")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one mimflow step")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="further config overrides for the mimflow arm, e.g. run.compile=false")
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one arm's memory
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------- arms
+class Arm:
+    """name; step(): one full training step; fwd_bwd(): one eager forward + backward (FLOPs)."""
+
+    def __init__(self, name, step, fwd_bwd, detail: str):
+        self.name, self.step, self.fwd_bwd, self.detail = name, step, fwd_bwd, detail
+
+
+def _autocast(args):
+    dev = args.device
+    return (torch.autocast(dev, dtype=torch.bfloat16) if args.dtype == "bf16"
+            else torch.autocast(dev, enabled=False))
+
+
+def mimflow_arm(args, images) -> Arm:
+    """The pretrain stage's step: build_mim_model, make_optimizer, accelerate prepare and
+    train_one_epoch, as `pipeline.engine.fit.fit` wires them."""
+    from pipeline.config import load_config
+    from pipeline.distributed import make_accelerator, set_activation_checkpointing
+    from pipeline.engine.fit import compile_step
+    from pipeline.engine.loop import TrainStep, train_one_epoch
+    from pipeline.engine.optim import make_optimizer, scaled_lr, warmup_cosine
+    from pipeline.engine.state import LoopState
+    from pipeline.stages.pretrain import build_mim_model
+    from pipeline.tracking.base import NullTracker
+    from pipeline.stages.pretrain import _objective_loss
+
+    overrides = [f"model.backbone={args.encoder}", f"model.img_size={args.img}", f"model.patch_size={args.patch}",
+                 "pretrain.objective.name=mae", f"pretrain.objective.mask_ratio={args.mask_ratio}",
+                 f"pretrain.objective.decoder_dim={args.decoder_dim}",
+                 f"pretrain.objective.decoder_depth={args.decoder_depth}",
+                 f"pretrain.objective.decoder_heads={args.decoder_heads}",
+                 "pretrain.objective.norm_pix_loss=true", f"pretrain.batch_size_per_device={args.batch}",
+                 f"run.device={args.device}", *(["run.mixed_precision=bf16"] if args.dtype == "bf16" else []),
+                 *args.set]
+    cfg = load_config(None, overrides)
+    threads = torch.get_num_threads()
+    acc = make_accelerator(cfg.run)  # sets run.cpu_threads for the process: restored for the peers
+    torch.set_num_threads(threads)
+    model, _ = build_mim_model(cfg, args.channels)
+    set_activation_checkpointing(model, cfg.run.activation_checkpointing)
+    opt = cfg.pretrain.optimizer
+    optimizer = make_optimizer(model, scaled_lr(opt.base_lr, args.batch), opt)
+    model, optimizer = acc.prepare(model, optimizer)
+    compiled = compile_step(model, cfg.run)
+    scheduler = warmup_cosine(optimizer, 10, 1000)
+    step = TrainStep(model, optimizer, scheduler, acc, _objective_loss, NullTracker(), "pretrain", log_every=10**9)
+    batch = (images, torch.zeros(len(images), dtype=torch.long))
+    unwrapped = acc.unwrap_model(model)
+
+    def fwd_bwd():  # the eager form of the same maths (FlopCounterMode counts eager ops)
+        kept, unwrapped.compiled_loss_at = unwrapped.compiled_loss_at, None
+        try:
+            with _autocast(args):
+                loss = unwrapped(images)["loss"]
+            loss.backward()
+        finally:
+            unwrapped.compiled_loss_at = kept
+        unwrapped.zero_grad(set_to_none=True)
+
+    def one_step():  # the stage sets run.cpu_threads once for the process; here for its own steps
+        threads = torch.get_num_threads()
+        if cfg.run.cpu_threads and args.device == "cpu":
+            torch.set_num_threads(cfg.run.cpu_threads)
+        try:
+            train_one_epoch(step, [batch], LoopState())
+        finally:
+            torch.set_num_threads(threads)
+
+    detail = (f"fast form {'on' if unwrapped.fast else 'off'}, torch.compile {'on' if compiled else 'off'}, "
+              f"run.cpu_threads={cfg.run.cpu_threads}, "
+              f"{type(optimizer.optimizer if hasattr(optimizer, 'optimizer') else optimizer).__name__} "
+              f"({_optimizer_impl(optimizer)})")
+    return Arm("mimflow", one_step, fwd_bwd, detail)
+
+
+def _optimizer_impl(optimizer) -> str:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    d = inner.defaults
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
+
+
+def _peer_step(model, loss_fn, args):
+    """A peer's plain step: torch AdamW at its defaults (what its users write)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=0.05)
+
+    def step():
+        with _autocast(args):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def fwd_bwd():
+        with _autocast(args):
+            loss = loss_fn()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step, fwd_bwd, f"torch AdamW ({_optimizer_impl(optimizer)})"
+
+
+def hf_arm(args, images, vit) -> Arm:
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    cfg = ViTMAEConfig(hidden_size=vit.embed_dim, num_hidden_layers=len(vit.blocks),
+                       num_attention_heads=vit.blocks[0].attn.num_heads,
+                       intermediate_size=vit.blocks[0].mlp.fc1.out_features, image_size=args.img,
+                       patch_size=args.patch, num_channels=args.channels, decoder_hidden_size=args.decoder_dim,
+                       decoder_num_hidden_layers=args.decoder_depth, decoder_num_attention_heads=args.decoder_heads,
+                       decoder_intermediate_size=4 * args.decoder_dim, mask_ratio=args.mask_ratio,
+                       norm_pix_loss=True, layer_norm_eps=1e-6, attn_implementation="sdpa")
+    model = ViTMAEForPreTraining(cfg).to(args.device).train()
+    step, fwd_bwd, opt = _peer_step(model, lambda: model(pixel_values=images).loss, args)
+    return Arm("hf", step, fwd_bwd, f"ViTMAEForPreTraining, attention {model.config._attn_implementation}, {opt}")
+
+
+def lightly_arm(args, images, vit) -> Arm:
+    from lightly.models import utils
+    from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
+
+    class LightlyMAE(torch.nn.Module):  # lightly's MAE example (examples/pytorch/mae.py), norm-pix target
+        def __init__(self):
+            super().__init__()
+            self.patch_size = vit.patch_embed.patch_size[0]
+            self.backbone = MaskedVisionTransformerTIMM(vit=vit)
+            self.sequence_length = self.backbone.sequence_length
+            self.decoder_embed = torch.nn.Linear(vit.embed_dim, args.decoder_dim)
+            self.decoder = MaskedVisionTransformerDecoderTIMM(
+                num_patches=vit.patch_embed.num_patches, embed_dim=args.decoder_dim,
+                depth=args.decoder_depth, num_heads=args.decoder_heads)
+            self.decoder_pred = torch.nn.Linear(args.decoder_dim, self.patch_size**2 * args.channels)
+
+        def forward(self, x):
+            B = x.shape[0]
+            idx_keep, idx_mask = utils.random_token_mask(size=(B, self.sequence_length),
+                                                         mask_ratio=args.mask_ratio, device=x.device)
+            enc = self.backbone.encode(images=x, idx_keep=idx_keep)
+            dec = self.decoder_embed(enc)
+            tokens = utils.repeat_token(self.decoder.mask_token, (B, self.sequence_length))
+            tokens = utils.set_at_index(tokens, idx_keep, dec.type_as(tokens))
+            tokens = self.decoder.decode(self.decoder.add_pos_embed(tokens))
+            pred = self.decoder_pred(utils.get_at_index(tokens, idx_mask))
+            target = utils.get_at_index(utils.patchify(x, self.patch_size), idx_mask - 1)
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+            return torch.nn.functional.mse_loss(pred, target)
+
+    model = LightlyMAE().to(args.device).train()
+    step, fwd_bwd, opt = _peer_step(model, lambda: model(images), args)
+    return Arm("lightly", step, fwd_bwd, f"MaskedVisionTransformerTIMM + MaskedVisionTransformerDecoderTIMM, {opt}")
+
+
+def build_arm(name: str, args, images) -> Arm:
+    if name == "mimflow":
+        return mimflow_arm(args, images)
+    from pipeline.models.backbones import create_encoder
+
+    torch.manual_seed(0)
+    vit = create_encoder(args.encoder, args.img, args.patch, args.channels).to(args.device)
+    return {"hf": hf_arm, "lightly": lightly_arm}[name](args, images, vit)
+
+
+# ------------------------------------------------------------------------------------ measures
+def sync(args):
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def gemm_flops(args, seconds: float = 1.0) -> tuple[float, int]:
+    """Best square-GEMM throughput in FLOP/s over a few sizes -> (flop/s, size)."""
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    best = (0.0, 0)
+    for n in ((1024, 2048, 3072) if args.device == "cpu" else (4096, 8192)):
+        a = torch.randn(n, n, device=args.device, dtype=dtype)
+        b = torch.randn(n, n, device=args.device, dtype=dtype)
+        a @ b
+        sync(args)
+        k, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or k < 2:
+            a @ b
+            k += 1
+        sync(args)
+        best = max(best, (2 * n**3 * k / (time.perf_counter() - t0), n))
+    return best
+
+
+def count_flops(arm: Arm) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        arm.fwd_bwd()
+    return counter.get_total_flops()
+
+
+def timed(arm: Arm, args) -> float:
+    sync(args)
+    t0 = time.perf_counter()
+    arm.step()
+    sync(args)
+    return time.perf_counter() - t0
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_of(name: str, args) -> dict:
+    """In this (fresh) process: one arm's peak memory above its built model, over two steps."""
+    images = torch.randn(args.batch, args.channels, args.img, args.img, device=args.device)
+    arm = build_arm(name, args, images)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        arm.step(), arm.step()
+        torch.cuda.synchronize()
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - base, "kind": "peak allocated above the weights"}
+    base = rss_bytes()
+    arm.step(), arm.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_bytes": peak - base, "kind": "peak RSS above the built model"}
+
+
+def memory_in_subprocess(name: str, argv: list[str]) -> dict | None:
+    cmd = [sys.executable, __file__, *argv, "--memory-of", name]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("{"):
+            return json.loads(line)
+    print(f"  memory of {name}: failed ({proc.stderr.strip().splitlines()[-1:] })")
+    return None
+
+
+def profile_table(arm: Arm, rows: int = 20) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        arm.step()
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+# ---------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_of:
+        print(json.dumps(memory_of(args.memory_of, args)))
+        return 0
+    names = [a for a in args.arms.split(",") if a]
+    print(f"bench_pretrain: {args.encoder} (timm) {args.img} px, patch {args.patch}, {args.channels} channels, "
+          f"decoder {args.decoder_dim} wide x {args.decoder_depth} deep x {args.decoder_heads} heads, "
+          f"mask {args.mask_ratio}, norm-pix loss, {args.dtype}, AdamW, batch {args.batch}, {args.device}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads), load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+          + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
+    gemm = [gemm_flops(args)]
+
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, args.channels, args.img, args.img, device=args.device)
+    arms = {}
+    for name in names:
+        t0 = time.perf_counter()
+        arms[name] = build_arm(name, args, images)
+        print(f"  {name:8s} built in {time.perf_counter() - t0:5.1f} s: {arms[name].detail}", flush=True)
+
+    flops, first = {}, {}
+    for name, arm in arms.items():
+        flops[name] = count_flops(arm)
+        for i in range(args.warmup):
+            t = timed(arm, args)
+            first.setdefault(name, t)
+        print(f"  {name:8s} warm: first step {first.get(name, float('nan')):6.2f} s "
+              f"(compilation included where there is one)", flush=True)
+
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(timed(arms[name], args))
+        print(f"  round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {times[n][-1]:.2f} s" for n in names), flush=True)
+    gemm.append(gemm_flops(args))
+    peak, peak_n = max(gemm)
+
+    if args.profile and "mimflow" in arms:
+        print("\nmimflow step, torch.profiler (one step):")
+        print(profile_table(arms["mimflow"]))
+    memory = {} if args.no_memory else {n: memory_in_subprocess(n, argv) for n in names}
+
+    print(f"\nbest {args.dtype} GEMM: {peak / 1e9:.1f} GFLOP/s ({peak_n}^3; before rounds "
+          f"{gemm[0][0] / 1e9:.1f}, after {gemm[1][0] / 1e9:.1f})")
+    head = f"{'arm':8s} {'img/s':>7s} {'spread':>13s} {'step s':>7s} {'GFLOP/img':>10s} {'GFLOP/s':>8s} {'MFU':>5s} {'peak MB':>8s}"
+    print(head)
+    rate = {}
+    for name in names:
+        per = [args.batch / t for t in times[name]]
+        rate[name] = statistics.median(per)
+        f_img = flops[name] / args.batch
+        achieved = f_img * rate[name]
+        mem = memory.get(name)
+        print(f"{name:8s} {rate[name]:7.2f} {min(per):6.2f}..{max(per):<6.2f} {statistics.median(times[name]):7.2f} "
+              f"{f_img / 1e9:10.2f} {achieved / 1e9:8.1f} {achieved / peak:5.2f} "
+              f"{(mem['peak_bytes'] / 2**20 if mem else float('nan')):8.0f}")
+    if "mimflow" in rate:
+        for peer in [n for n in names if n != "mimflow"]:
+            print(f"mimflow / {peer}: {rate['mimflow'] / rate[peer]:.2f}x images/s")
+        ref = max((n for n in names if n != "mimflow"), key=lambda n: flops[n], default=None)
+        if ref:
+            useful = flops[ref] / args.batch * rate["mimflow"]
+            print(f"mimflow at the reference maths' FLOPs ({ref}: {flops[ref] / args.batch / 1e9:.2f} GFLOP/img): "
+                  f"{useful / 1e9:.1f} GFLOP/s, MFU {useful / peak:.2f}")
+    if memory:
+        kinds = {m["kind"] for m in memory.values() if m}
+        print(f"peak MB: {', '.join(kinds)} (one fresh process per arm)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
