@@ -14,6 +14,12 @@ from typing import Iterator
 import pytest
 import requests
 
+# One torch thread per process (inherited by every CLI subprocess and torchrun rank): the tests'
+# debug-size models are dominated by per-op overhead, and on a 2-core machine whose other core is
+# busy a second thread mostly waits for it (measured here: a debug ViT step 15 ms on one thread,
+# 1.1 s on two; ViT-S 1.8x faster on one, scripts/bench_pretrain.py --threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "debug" / "landsat_tiny.yaml"
 

@@ -352,7 +352,8 @@ def _write_shards(tmp: Path, items: list[Item], images: Iterator[np.ndarray], sh
                        "sha256": digest})
         batch.clear()
 
-    with tqdm(total=len(items), desc="tile cache", disable=quiet, leave=False) as bar:
+    with tqdm(total=len(items), desc="tile cache", disable=True if quiet else None,
+              leave=False) as bar:  # None: no bar off a terminal
         for i, img in enumerate(images):
             img = np.asarray(img, dtype=np.float32)
             if img.ndim != 3:

@@ -88,7 +88,7 @@ def _pixels(records: list[Record], reader_options: dict | None, quiet: bool, des
     """-> per image (float64 values [C, H*W], finite mask [C, H*W]); every image must share C."""
     channels = None
     for _, rec, img in tqdm(read_records(records, **(reader_options or {})), total=len(records), desc=desc,
-                            disable=quiet, leave=False):
+                            disable=True if quiet else None, leave=False):  # None: off a terminal too
         if isinstance(img, Exception):
             raise img
         if channels is not None and img.shape[0] != channels:

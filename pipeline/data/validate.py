@@ -42,7 +42,7 @@ def validate_records(records: list[Record], channels: int | None = None, reader_
     bad: list[tuple[Record, str]] = []
     raw = [replace(r, channels=None) for r in records]  # as stored
     for i, rec, img in tqdm(read_records(raw, **(reader_options or {})), total=len(raw), desc="validate",
-                            disable=quiet, leave=False):
+                            disable=True if quiet else None, leave=False):  # None: off a terminal too
         if isinstance(img, ReadError):  # readers refuse corrupt, inf-valued and all-nodata images
             bad.append((records[i], str(img)))
         else:

@@ -151,3 +151,23 @@ def test_the_reconstruction_figure_says_what_it_shows():
         hidden = np.repeat(np.repeat(mask[col].reshape(4, 4), 4, 0), 4, 1) > 0
         assert np.all(shown[hidden] == MASKED)  # one fixed colour, whatever the tile
         assert not np.all(shown[~hidden] == MASKED)
+
+
+def test_data_progress_bars_leave_nothing_in_a_log_file(tmp_path, capsys):
+    """Off a terminal (a log file, CI) prepare's own bars draw nothing, quiet or not: one summary
+    line per stage is what a log keeps (issue 9, case 11). capsys is not a terminal."""
+    import numpy as np
+
+    from pipeline.data.manifest import Record
+    from pipeline.data.stats import compute_channel_stats
+    from pipeline.data.validate import validate_records
+
+    paths = []
+    for i in range(3):
+        np.save(tmp_path / f"{i}.npy", np.random.default_rng(i).random((2, 8, 8), dtype=np.float32))
+        paths.append(tmp_path / f"{i}.npy")
+    records = [Record(path=p, split="unlabelled", label=-1, group=str(i)) for i, p in enumerate(paths)]
+    assert not validate_records(records, quiet=False).bad
+    compute_channel_stats(paths)
+    err = capsys.readouterr().err
+    assert "%|" not in err and "it/s" not in err, err[:300]
