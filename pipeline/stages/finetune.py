@@ -199,8 +199,11 @@ class Objective:
 def _objective(f: FinetuneConfig, task: str, train_recs: list[Record], classes: list[str], val_loader,
                teacher: torch.nn.Module | None, teacher_thresholds: torch.Tensor | None) -> Objective:
     if task != "multilabel":
-        if f.multilabel.model_fields_set:
-            print(f"finetune: finetune.multilabel ({', '.join(sorted(f.multilabel.model_fields_set))}) is not used: "
+        # keys that differ from the defaults (a config rebuilt from a dict has every key "set")
+        changed = sorted(k for k, v in f.multilabel.model_dump().items()
+                         if v != MultilabelConfig.model_fields[k].get_default(call_default_factory=True))
+        if changed:
+            print(f"finetune: finetune.multilabel ({', '.join(changed)}) is not used: "
                   "the task is multiclass", flush=True)
         return Objective(classification_loss(f.label_smoothing, teacher), _validation(val_loader, len(classes)),
                          "balanced_accuracy")

@@ -93,3 +93,18 @@ def test_distilled_deit_learns_the_teachers_predicted_label_sets():
     assert out["teacher_agreement"].item() == pytest.approx(agreement.item())
     student.eval()
     assert student(images).shape == (6, K)  # at inference the two heads are averaged: one logit per label
+
+
+def test_unused_multilabel_keys_are_named_only_when_the_recipe_changed_them(capsys):
+    """A multi-class run says finetune.multilabel is unused only for keys the recipe changed; a
+    config rebuilt from its dict (every key 'set') says nothing (seen in the demo's console)."""
+    from pipeline.config import config_from_dict, load_config
+    from pipeline.stages.finetune import _objective
+
+    plain = load_config(None)
+    rebuilt = config_from_dict(plain.to_dict(), "round trip")
+    _objective(rebuilt.finetune, "multiclass", [], ["a", "b"], None, None, None)
+    assert "is not used" not in capsys.readouterr().out
+    changed = load_config(None, ["finetune.multilabel.loss=asymmetric"])
+    _objective(changed.finetune, "multiclass", [], ["a", "b"], None, None, None)
+    assert "finetune: finetune.multilabel (loss) is not used: the task is multiclass" in capsys.readouterr().out
