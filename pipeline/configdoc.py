@@ -73,7 +73,7 @@ def describe(model: BaseModel, indent: int = 0) -> list[str]:
             continue
         plain = _plain(value)
         default = _plain(field.get_default(call_default_factory=True))
-        note = [] if _same(default, plain) else [f"default {_yaml(default)}"]
+        note = [] if default == plain else [f"default {_yaml(default)}"]
         if meaning:
             note.append(meaning)
         lines.append(f"{pad}{name}: {_yaml(plain)}" + (f"  # {'; '.join(note)}" if note else ""))
@@ -91,16 +91,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _same(a: Any, b: Any) -> bool:
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-    return norm(a) == norm(b)
-
-
 def _yaml(value: Any) -> str:
     import json
 
     if value is None:
         return "null"
-    if isinstance(value, (tuple, list, dict, bool)):
-        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    if isinstance(value, (list, dict, bool)):  # plain values (_plain): tuples are lists already
+        return json.dumps(value)
     return str(value)
