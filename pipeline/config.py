@@ -334,6 +334,10 @@ class FinetuneConfig(_Section):
         return data
 
 
+# BEiT v2's tokenizer optimizer (its betas and weight decay), the start of tokenizer.optimizer
+TOKENIZER_OPTIMIZER = dict(name="adamw", base_lr=1e-3, weight_decay=1e-4, betas=(0.9, 0.99), warmup_epochs=1)
+
+
 class TokenizerConfig(_Section):
     """The visual tokenizer BEiT predicts the tokens of (`mimflow tokenizer`; `mimflow run` trains it
     first when pretrain.objective is beit without a tokenizer). Same image and patch size as model."""
@@ -363,13 +367,21 @@ class TokenizerConfig(_Section):
     min_code_usage: float = Field(0.1, ge=0, le=1)
     epochs: int = Field(20, ge=1)  # passes over the unlabelled pool
     batch_size_per_device: int = Field(128, ge=1)  # images per step and process
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(
-        base_lr=1e-3, weight_decay=1e-4, betas=(0.9, 0.99), warmup_epochs=1))  # BEiT v2's betas and decay
+    # starts from BEiT v2's settings (TOKENIZER_OPTIMIZER); keys given here override single values
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(**TOKENIZER_OPTIMIZER))
     report_images: int = resume_safe(1024, ge=1)  # the fixed pool tiles codebook statistics are measured on
     figure_every_epochs: int = resume_safe(5, ge=1)  # token-map figure every N epochs (and the last)
     log_every_steps: int = resume_safe(10, ge=1)  # loss and codebook metrics to MLflow every N steps
     # registered as models:/<model_name>@<register.alias>; None: <register.model_name>-tokenizer
     model_name: str | None = resume_safe(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tokenizer_optimizer(cls, data):
+        # tokenizer.optimizer.base_lr=... alone must not reset BEiT v2's betas and decay to AdamW's
+        if isinstance(data, dict) and isinstance(data.get("optimizer"), dict):
+            data = {**data, "optimizer": {**TOKENIZER_OPTIMIZER, **data["optimizer"]}}
+        return data
 
 
 class EvaluateConfig(_Section):
@@ -533,6 +545,29 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
+    return out
+
+
+def changed_keys(section: _Section, prefix: str = "", base: _Section | None = None) -> dict[str, Any]:
+    """Dotted keys whose value differs from its default -> their JSON values. The default of a key
+    in a nested section is that of the section its parent holds by default (tokenizer.optimizer
+    has other defaults than pretrain.optimizer), or of its class when the parent holds another
+    variant (pretrain.objective=simmim); a tagged section's name always counts. A key added to the
+    tree later, at a default that keeps the old behaviour, does not appear, so results keyed on
+    this (sweep trials) survive new config keys; a changed default, like any change of behaviour,
+    needs its own version bump there."""
+    out: dict[str, Any] = {}
+    dumped = section.model_dump(mode="json")
+    for name, field in type(section).model_fields.items():
+        value, key = getattr(section, name), prefix + name
+        default = getattr(base, name) if base is not None else field.get_default(call_default_factory=True)
+        if isinstance(value, _Section):
+            sub = changed_keys(value, key + ".", default if type(default) is type(value) else None)
+            if "name" in type(value).model_fields:  # which variant of a tagged section
+                sub.setdefault(key + ".name", dumped[name]["name"])
+            out.update(sub)
+        elif value != default:
+            out[key] = dumped[name]
     return out
 
 

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.config import Config, config_from_dict, resume_safe_keys, stage_dir
+from pipeline.config import Config, changed_keys, config_from_dict, resume_safe_keys, stage_dir
 from pipeline.data.manifest import Record, load_dataset_info, load_manifest, select, write_manifest
 from pipeline.data.readers import read_image
 from pipeline.distributed import make_accelerator
@@ -53,7 +53,7 @@ from pipeline.weights import build_classifier, load_classifier, read_meta, verif
 
 SWEEP = "sweep"  # <run.output_dir>/<run.name>/sweep
 RECORD = "record.json"  # a job's or trial's status, MLflow run, fingerprint and result
-PROTOCOL = 2  # how a trial trains and scores, beyond its config: a change reruns the trials
+PROTOCOL = 3  # how a trial trains and scores, beyond its config (and the defaults): a change reruns the trials
 
 
 class SweepError(ValueError):
@@ -252,10 +252,12 @@ def _absolute(cfg: Config) -> Config:
 
 
 def _fingerprint(cfg: Config, sections: tuple[str, ...], extra: dict) -> str:
-    """What decides a job's result: the keys of `sections` that are not resume-safe (paths,
-    logging), and `extra` (the trial, its split's rows, its encoder's sha256)."""
+    """What decides a job's result: the keys of `sections` that differ from their defaults and are
+    not resume-safe (paths, logging), and `extra` (the trial, its split's rows, its encoder's
+    sha256). Only changed keys count, so a config key added in a later version (at a default that
+    keeps the old behaviour) reruns no finished trial; behaviour changes bump PROTOCOL."""
     safe = resume_safe_keys()
-    keys = {k: v for k, v in cfg.flat().items()
+    keys = {k: v for k, v in changed_keys(cfg).items()
             if k.split(".")[0] in sections and not any(k == s or k.startswith(s + ".") for s in safe)}
     return _hash({"config": keys, **extra})
 

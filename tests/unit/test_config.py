@@ -154,3 +154,22 @@ def test_switching_objective_by_override_drops_the_recipes_keys_of_the_other_one
     assert cfg.finetune.optimizer.base_lr == 0.01  # other tagged-by-name sections still merge
     same = load_config(recipe, ["pretrain.objective.mask_ratio=0.5"])
     assert same.pretrain.objective.decoder_dim == 16 and same.pretrain.objective.mask_ratio == 0.5
+
+
+def test_changed_keys_are_those_off_their_own_defaults():
+    """What sweep trials are fingerprinted on: a key at its default (one added in a later version)
+    does not count; nested defaults are the parent's (tokenizer.optimizer is not pretrain.optimizer)."""
+    from pipeline.config import changed_keys
+
+    base = changed_keys(load_config(None, ["model.img_size=16", "model.patch_size=4"]))
+    assert base == changed_keys(load_config(None, ["model.img_size=16", "model.patch_size=4",
+                                                    "finetune.drop_path=0.1", "tokenizer.optimizer.base_lr=0.001"]))
+    assert "tokenizer.optimizer.base_lr" not in base and base["pretrain.objective.name"] == "mae"
+    changed = changed_keys(load_config(None, ["model.img_size=16", "model.patch_size=4", "finetune.drop_path=0.2",
+                                              "pretrain.objective=simmim"]))
+    assert changed["finetune.drop_path"] == 0.2 and changed["pretrain.objective.name"] == "simmim"
+
+
+def test_one_tokenizer_optimizer_key_keeps_the_tokenizers_other_defaults():
+    opt = load_config(None, ["tokenizer.optimizer.base_lr=0.002"]).tokenizer.optimizer
+    assert (opt.base_lr, opt.weight_decay, opt.betas, opt.warmup_epochs) == (0.002, 1e-4, (0.9, 0.99), 1)
