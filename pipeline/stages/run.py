@@ -157,19 +157,19 @@ def teacher_source(cfg: Config) -> str:
     return teacher
 
 
-def tokenizer_chain(cfg: Config, prepared: Path, stage: Callable) -> Path:
+def tokenizer_chain(cfg: Config, prepared: Path, stage: Callable, prefix: str = "") -> Path:
     """BEiT's visual tokenizer: the `tokenizer` stage, after the MAE `teacher_pretrain` stage whose
     encoder it distils when tokenizer.teacher=auto (kind vqkd). stage(config, name, fn(acc, tracker))
-    runs one stage in its MLflow run (`mimflow run`'s StageRuns, or the CLI's single stages)."""
+    runs one stage in its MLflow run (`mimflow run`'s StageRuns, the CLI's single stages, a sweep's
+    jobs); prefix goes before both stage names (the sweep's folder)."""
     source, teacher = tokenizer_teacher_source(cfg), None
     if source == "train":
-        tcfg = tokenizer_teacher_config(cfg)
-        teacher = Path(stage(tcfg, "teacher_pretrain",
-                             lambda acc, t: str(pretrain(tcfg, prepared, acc, t, name="teacher_pretrain"))))
+        tcfg, name = tokenizer_teacher_config(cfg), prefix + "teacher_pretrain"
+        teacher = Path(stage(tcfg, name, lambda acc, t: str(pretrain(tcfg, prepared, acc, t, name=name))))
     elif source != "none":
         teacher = fetch_named(source, "encoder", "tokenizer.teacher", "teacher encoder", cfg)
-    ref = source if source not in ("train", "none") else None
-    return Path(stage(cfg, "tokenizer", lambda acc, t: str(train_tokenizer(cfg, prepared, teacher, acc, t, ref))))
+    ref, name = (source if source not in ("train", "none") else None), prefix + "tokenizer"
+    return Path(stage(cfg, name, lambda acc, t: str(train_tokenizer(cfg, prepared, teacher, acc, t, ref, name=name))))
 
 
 def run_tokenizer(cfg: Config, runs: StageRuns, acc, prepared: Path) -> Path | None:

@@ -39,11 +39,12 @@ from pipeline.engine.preempt import Preempted
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.metrics import classification_metrics
 from pipeline.models.backbones import check_geometry, create_encoder
+from pipeline.models.objectives import OBJECTIVES
 from pipeline.stages.common import block_names, make_dataset
 from pipeline.stages.finetune import _init_encoder, finetune
 from pipeline.stages.prepare import prepare, verify_prepared
 from pipeline.stages.pretrain import pretrain
-from pipeline.stages.run import log_config, run_lock
+from pipeline.stages.run import log_config, run_lock, tokenizer_chain
 from pipeline.sweep import classical, grid
 from pipeline.sweep.executors import Job, Progress, make_executor
 from pipeline.sweep.report import SweepResults, write_report
@@ -352,19 +353,48 @@ def pretrain_encoders(cfg: Config, acc, arms: list[grid.Arm], prepared: Path, ro
             tree["pretrain"]["objective"] = obj
             pcfg = config_from_dict(tree, f"sweep.inits.{arm.init.name} x sweep.heads.{arm.head}")
             name = f"{SWEEP}/pretrain/{arm.init.value}-{arm.backbone}-{shape[:6]}"
-            fp = _fingerprint(pcfg, ("run", "data", "model", "pretrain"),
-                              {"prepared": load_dataset_info(prepared).get("dataset_hash")})
+            extra = {"prepared": load_dataset_info(prepared).get("dataset_hash")}
+            tokenizer = None
+            if OBJECTIVES[obj["name"]].targets == "tokens" and not pcfg.pretrain.objective.tokenizer:
+                tokenizer = sweep_tokenizer(pcfg, acc, prepared)
+                extra["tokenizer"] = _encoder_id(tokenizer)  # only here: other encoders keep their fingerprints
+            fp = _fingerprint(pcfg, ("run", "data", "model", "pretrain"), extra)
 
-            def fn(t, pcfg=pcfg, name=name):
+            def fn(t, pcfg=pcfg, name=name, tokenizer=tokenizer):
                 print(f"sweep: pretraining {pcfg.pretrain.objective.name} on {pcfg.model.backbone}, "
                       f"{pcfg.pretrain.epochs} epochs (MLflow run {t.run_id}, folder {name})", flush=True)
                 log_config(pcfg, t)
-                return str(pretrain(pcfg, prepared, acc, t, name=name))
+                return str(pretrain(pcfg, prepared, acc, t, name=name, tokenizer_dir=tokenizer))
 
             done[key] = Path(_job(pcfg, stage_dir(cfg, name), name, fp, {"mimflow.stage": "pretrain"}, fn,
                                   verify=lambda p: verify_weights(Path(p))))
         out[arm.key] = done[key]
     return out
+
+
+def sweep_tokenizer(pcfg: Config, acc, prepared: Path) -> Path:
+    """The visual tokenizer a token-predicting objective (BEiT) needs: the chain `mimflow run` runs
+    (tokenizer.teacher=auto: an MAE teacher, then the tokenizer), each stage a job of the sweep with
+    its own child run and record. Keyed on what the tokenizer depends on, not on the backbone BEiT
+    pretrains, so BEiT on a ViT and on a BEiT encoder of one geometry share one tokenizer."""
+    tree = pcfg.to_dict()
+    tree["model"].update(backbone=pcfg.tokenizer.encoder, window_size=None)
+    tree["pretrain"]["objective"] = {"name": "mae"}  # the teacher's objective; the tokenizer reads none
+    kcfg = config_from_dict(tree, "the sweep's tokenizer config")
+    prefix = f"{SWEEP}/pretrain/tokenizer-p{kcfg.model.patch_size}-"
+    dataset_hash = load_dataset_info(prepared).get("dataset_hash")
+
+    def stage(c: Config, name: str, fn: Callable):
+        def body(t):
+            print(f"sweep: {name.removeprefix(prefix)} for BEiT's visual tokens (MLflow run {t.run_id}, "
+                  f"folder {name})", flush=True)
+            log_config(c, t)
+            return fn(acc, t)
+        fp = _fingerprint(c, ("run", "data", "model", "pretrain", "tokenizer"), {"prepared": dataset_hash, "stage": name})
+        return _job(c, stage_dir(c, name), name, fp, {"mimflow.stage": name.removeprefix(prefix)}, body,
+                    verify=lambda p: verify_weights(Path(p)))
+
+    return tokenizer_chain(kcfg, prepared, stage, prefix)
 
 
 def reference_encoders(cfg: Config, arms: list[grid.Arm], stats: dict, classes: list[str]) -> dict:
@@ -564,6 +594,7 @@ def _results(cfg, arms, skipped, reps, counts, jobs, results, info, records, enc
              f"Compute: {compute / 60:.1f} min of trials in all, this command {seconds / 60:.1f} min "
              f"({s.executor} executor, {s.cpus_per_trial} CPU(s) per trial)"]
     users: dict[str, list[str]] = {}
+    tokenizers: dict[str, list[str]] = {}
     for key, path in encoders.items():
         users.setdefault(str(path), []).append(f"`{key}`")
     for path, keys in users.items():
@@ -575,6 +606,16 @@ def _results(cfg, arms, skipped, reps, counts, jobs, results, info, records, enc
             + (f" in {took / 60:.1f} min" if took else "") + f", MLflow run {meta.get('pretrain_run_id')})"
             if meta.get("objective") else
             " (given by reference: what it was pretrained on is not known here; its pretraining may have seen test images)"))
+        ref = (meta.get("tokenizer") or {}).get("reference")
+        if ref and Path(ref).is_dir():  # BEiT's targets
+            tokenizers.setdefault(ref, []).extend(keys)
+    for ref, keys in tokenizers.items():  # what the visual tokens were, once per tokenizer
+        t = read_meta(ref)
+        book, teacher, size = t.get("codebook") or {}, t.get("teacher") or {}, t["architecture"]["codebook_size"]
+        facts.append(f"Visual tokens of {', '.join(keys)}: tokenizer {ref} ({t.get('tokenizer_kind')}, "
+                     f"{round(book.get('usage', 0) * size)} of {size} codes used, perplexity {book.get('perplexity', 0):.1f}"
+                     + (f"; teacher {teacher.get('backbone')} at {teacher.get('reference')}" if teacher else "")
+                     + f", MLflow run {t.get('tokenizer_run_id')})")
     return SweepResults(cfg.run.name, arms, s.fractions, s.seeds, info["classes"],
                         [np.array([r.label for r in rep.test]) for rep in reps], rows, counts, s.metric, s.bootstrap,
                         s.confidence, s.power, s.split_seed, facts, skipped)

@@ -283,9 +283,10 @@ def _register(cfg: Config, tracker: Tracker, meta: dict) -> str | None:
 
 
 def train_tokenizer(cfg: Config, prepared: Path, teacher_dir: Path | None, accelerator: Accelerator,
-                    tracker: Tracker, teacher_ref: str | None = None) -> Path:
+                    tracker: Tracker, teacher_ref: str | None = None, name: str = "tokenizer") -> Path:
     """-> folder with the tokenizer (model.safetensors + meta.json), also logged as artefact `tokenizer`.
-    teacher_dir: the teacher encoder's folder (vqkd); teacher_ref: how the user named it."""
+    teacher_dir: the teacher encoder's folder (vqkd); teacher_ref: how the user named it;
+    name: the stage's folder under the run (checkpoints, tokenizer/), e.g. the sweep's."""
     t = cfg.tokenizer
     stats, info = load_stats(prepared / "stats.json"), load_dataset_info(prepared)
     records = load_manifest(prepared / "manifest.csv")
@@ -303,11 +304,11 @@ def train_tokenizer(cfg: Config, prepared: Path, teacher_dir: Path | None, accel
     read_fn = cached_read_fn(cfg, pool, accelerator)  # epochs after the first decode nothing
     dataset = SeededAugmentation(make_dataset(cfg, pool, stats, train=True, read_fn=read_fn), cfg.run.seed)
     shown = make_dataset(cfg, pool[:t.report_images], stats, train=False, read_fn=read_fn)
-    out = stage_dir(cfg, "tokenizer")
+    out = stage_dir(cfg, name)
     report = CodebookReport(cfg, torch.stack([shown[i][0] for i in range(len(shown))]), out, tracker)
     tracker.log_params({"tokenizer.teacher_resolved": str(teacher_dir), "pool_size": len(pool),
                         "report_images": len(shown)})
-    task = Task(name="tokenizer", prefix="tokenizer", model=model, dataset=dataset, loss=_tokenizer_loss,
+    task = Task(name=name, prefix="tokenizer", model=model, dataset=dataset, loss=_tokenizer_loss,
                 epochs=t.epochs, batch_size_per_device=t.batch_size_per_device, optimizer=t.optimizer,
                 log_every_steps=t.log_every_steps, sections=("run", "data", "model", "tokenizer"),
                 on_epoch_end=report, states={"teacher": teacher.reference} if teacher else {})

@@ -160,3 +160,33 @@ def test_a_sweep_without_a_model_geometry_is_refused_naming_both_keys(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "mimflow sweep needs model.img_size and model.patch_size in the recipe (now None and 4)" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_beit_joins_the_sweep_with_one_tokenizer_for_both_encoders(tmp_path, prepared_landsat):
+    """sweep.inits: pretrain:beit trains the tokenizer chain (MAE teacher -> VQ-KD) once as jobs of
+    the sweep; BEiT on the ViT head and on the BEiT head both read it, and both arms are scored."""
+    recipe = REPO / "configs" / "debug" / "sweep_beit_tiny.yaml"
+    out = mimflow("sweep", str(recipe), *tiny_overrides(tmp_path), f"data.root={prepared_landsat.parent}",
+                  cwd=tmp_path, timeout=900)
+    report = Path(out.stdout.strip().splitlines()[-1].removeprefix("report: "))
+    with open(report.parent / "results.csv") as f:
+        results = {r["arm"]: r for r in csv.DictReader(f)}
+    assert set(results) == {"scratch-vit", "beit-vit", "scratch-beit", "beit-beit", "resnet_debug",
+                            "logistic_regression", "random_forest"}
+    assert {r["status"] for r in results.values()} == {"finished"}
+    assert 0 <= float(results["beit-beit"]["balanced_accuracy"]) <= 1
+    pretrain = tmp_path / "runs" / "sweep_beit_tiny" / "sweep" / "pretrain"
+    assert sorted(p.name for p in pretrain.iterdir() if p.is_dir()) == [
+        "beit-beit_debug-" + next(pretrain.glob("beit-beit_debug-*")).name.split("-")[-1],
+        "beit-vit_debug-" + next(pretrain.glob("beit-vit_debug-*")).name.split("-")[-1],
+        "tokenizer-p4-teacher_pretrain", "tokenizer-p4-tokenizer"]
+    assert out.stdout.count("sweep: tokenizer for BEiT's visual tokens") == 1
+    assert out.stdout.count("sweep: teacher_pretrain for BEiT's visual tokens") == 1
+    tokenizer = json.loads((pretrain / "tokenizer-p4-tokenizer" / "tokenizer" / "meta.json").read_text())
+    for arm in ("beit-beit_debug-*", "beit-vit_debug-*"):
+        meta = json.loads((next(pretrain.glob(arm)) / "encoder" / "meta.json").read_text())
+        assert meta["objective"] == "beit" and tokenizer["weights_sha256"] in json.dumps(meta)
+    text = report.read_text()
+    assert "| BEiT (beit_debug) + BEiT vs BEiT (beit_debug) from scratch |" in text
+    assert re.search(r"Visual tokens of `beit-vit`, `beit-beit`: tokenizer .*tokenizer-p4-tokenizer/tokenizer \(vqkd, \d+ of 16 codes used", text)
