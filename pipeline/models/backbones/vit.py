@@ -6,15 +6,34 @@ from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from pipeline.models import fast as fastvit
 from pipeline.models.backbones import BackboneSpec, Variant
 from pipeline.models.backbones._timm import build_timm
 
 
+class ClassTokenViT(VisionTransformer):
+    """timm's VisionTransformer (the same modules, parameters and state dict) whose training forward
+    computes the last block at the class token only, the one row the head reads (keys and values
+    still from every token): the same logits and gradients with fewer FLOPs
+    (tests/unit/models/test_finetune_fast.py). Eval mode, an attention mask, and any model
+    `pipeline.models.fast` does not know exactly (FSDP-wrapped blocks, activation checkpointing)
+    run timm's own forward."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        if self.training and attn_mask is None and not is_causal and fastvit.can_run_class_token(self):
+            return self.forward_head(fastvit.class_token_features(self, x))
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
 def build(variant: Variant, *, img_size, patch_size, in_chans, num_classes, window_size=None,
           drop_path_rate=0.0, pretrained_file=None) -> VisionTransformer:
-    return build_timm(variant, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                      num_classes=num_classes, drop_path_rate=drop_path_rate, pretrained_file=pretrained_file,
-                      global_pool="token")
+    model = build_timm(variant, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                       num_classes=num_classes, drop_path_rate=drop_path_rate, pretrained_file=pretrained_file,
+                       global_pool="token")
+    if num_classes and type(model) is VisionTransformer:
+        # timm's factory builds (and loads) the instance; only the training forward of the classifier changes
+        model.__class__ = ClassTokenViT
+    return model
 
 
 def check_patch_embed(state: dict, model: torch.nn.Module) -> None:
