@@ -17,13 +17,7 @@ from pipeline.models.backbones.vit import ClassTokenViT
 from pipeline.weights import add_probe_head
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread (two on a loaded 2-core machine cost far more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _step(model, images, labels, reference: bool, seed: int = 1):
