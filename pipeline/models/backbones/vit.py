@@ -72,20 +72,36 @@ def adapt_encoder(state: dict, model: VisionTransformer) -> dict:
     return state
 
 
-def masked_features(model: VisionTransformer, images: torch.Tensor, mask: torch.Tensor,
-                    mask_token: torch.Tensor) -> torch.Tensor:
-    """images [B, C, H, W], mask [B, h, w] (True = masked) -> patch features [B, D, h, w].
-    Masked patch embeddings are replaced by mask_token [1, 1, D] before the position embedding
-    is added (SimMIM, Xie et al. 2022, ViT variant)."""
+def _masked_tokens(model: VisionTransformer, images: torch.Tensor, mask: torch.Tensor,
+                   mask_token: torch.Tensor) -> torch.Tensor:
+    """-> the blocks' input [B, prefix + L, D]: masked patch embeddings replaced by mask_token
+    [1, 1, D] before the position embedding is added (SimMIM, Xie et al. 2022, ViT variant)."""
     x = model.patch_embed(images)  # [B, L, D]
     w = mask.flatten(1).unsqueeze(-1).type_as(x)  # [B, L, 1]
     x = x * (1 - w) + mask_token.type_as(x) * w
-    x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
+    return model.norm_pre(model.patch_drop(model._pos_embed(x)))
+
+
+def masked_features(model: VisionTransformer, images: torch.Tensor, mask: torch.Tensor,
+                    mask_token: torch.Tensor) -> torch.Tensor:
+    """images [B, C, H, W], mask [B, h, w] (True = masked) -> patch features [B, D, h, w]."""
+    x = _masked_tokens(model, images, mask, mask_token)
     x = checkpoint_seq(model.blocks, x) if model.grad_checkpointing and x.requires_grad else model.blocks(x)
     x = model.norm(x)[:, model.num_prefix_tokens:]  # [B, L, D]
     B, L, D = x.shape
     h, w_ = model.patch_embed.grid_size
     return x.transpose(1, 2).reshape(B, D, h, w_)
+
+
+def masked_features_at(model: VisionTransformer, images: torch.Tensor, mask: torch.Tensor,
+                       mask_token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    """`masked_features` at patch rows [B, M] (0..L-1) -> [B, M, D], the last block computed at
+    those rows only (pipeline.models.fast.block_rows); None for a last block it does not know
+    exactly or under activation checkpointing."""
+    if model.grad_checkpointing or not fastvit.can_run_rows(model.blocks[-1]):
+        return None
+    x = model.blocks[:-1](_masked_tokens(model, images, mask, mask_token))  # [B, prefix + L, D]
+    return model.norm(fastvit.block_rows(model.blocks[-1], x, rows + model.num_prefix_tokens))
 
 
 SPEC = BackboneSpec(
@@ -105,5 +121,6 @@ SPEC = BackboneSpec(
     adapt_encoder=adapt_encoder,
     block_classes=(Block,),
     masked_features=masked_features,
+    masked_features_at=masked_features_at,
     output_stride=lambda model: model.patch_embed.patch_size[0],
 )
