@@ -25,8 +25,8 @@ arms alike; images/s is the median over rounds (spread: min..max). Training FLOP
 counted by torch.utils.flop_counter on one eager forward + backward (the optimizer's elementwise
 work is not counted); MFU = achieved FLOP/s over the best fp32 (or --dtype) GEMM throughput
 measured in this same run (before and after the rounds). Memory: each arm's peak above its built
-model, in a fresh process of its own (CPU: peak RSS over two steps; CUDA: peak allocated), so the
-arms do not see each other's caches.
+model, in a fresh process of its own (CPU: peak RSS over two steps, VmHWM reset once the arm is
+built; CUDA: peak allocated), so the arms do not see each other's caches.
 
 Usage:
   python scripts/bench_pretrain.py                       # MAE, ViT-S/16, 224 px, batch 16, CPU fp32
@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -451,6 +450,20 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM, since the last reset). Not getrusage's ru_maxrss: a
+    process started by subprocess inherits its parent's peak there (the exec records the old
+    address space's), so it read as the whole benchmark's memory, not the arm's."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak_rss() -> None:
+    """VmHWM := the current RSS (Linux >= 4.0), so that building the arm does not count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def memory_of(name: str, args) -> dict:
     """In this (fresh) process: one arm's peak memory above its built model, over two steps."""
     arm = build_arm(name, args, make_batch(args))
@@ -462,9 +475,9 @@ def memory_of(name: str, args) -> dict:
         torch.cuda.synchronize()
         return {"peak_bytes": torch.cuda.max_memory_allocated() - base, "kind": "peak allocated above the weights"}
     base = rss_bytes()
+    reset_peak_rss()
     arm.step(), arm.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_bytes": peak - base, "kind": "peak RSS above the built model"}
+    return {"peak_bytes": peak_rss_bytes() - base, "kind": "peak RSS above the built model"}
 
 
 def memory_in_subprocess(name: str, argv: list[str]) -> dict | None:
