@@ -1,27 +1,39 @@
-"""One MAE pretraining step, side by side: mimflow vs Hugging Face ViTMAE vs lightly + timm.
+"""One training step, side by side: mimflow vs its peers, on the same batch.
 
-Each arm is a full training step (forward, loss, backward, AdamW step) on the same random batch:
-  mimflow   the pretrain stage's step exactly as it runs: the model from `build_mim_model`, the
-            optimizer from `make_optimizer`, `accelerate` prepare, `engine.loop.train_one_epoch`
-            over one batch (its non-finite check and loss read-back included)
-  hf        transformers' `ViTMAEForPreTraining` (SDPA attention), torch AdamW at its defaults
-  lightly   lightly's masked ViT + decoder around a timm ViT, written as lightly's MAE example
-            (norm-pix target added), torch AdamW at its defaults
-All three at the same geometry: the timm encoder `--encoder` (ViT-S: width 384, depth 12, 6 heads),
-a decoder `--decoder-dim` wide x `--decoder-depth` deep x `--decoder-heads` heads, mask ratio 0.75,
-per-patch normalised pixel loss. Rounds are interleaved (the arms' order rotates each round) so
-that load from other processes falls on all arms alike; images/s is the median over rounds
-(spread: min..max). Training FLOPs per image are counted by torch.utils.flop_counter on one eager
-forward + backward (the optimizer's elementwise work is not counted); MFU = achieved FLOP/s over
-the best fp32 (or --dtype) GEMM throughput measured in this same run (before and after the
-rounds). Memory: each arm's peak above its built model, in a fresh process of its own (CPU: peak
-RSS over two steps; CUDA: peak allocated), so the arms do not see each other's caches.
+`--objective` picks the step (default mae). Each arm is a full training step (forward, loss,
+backward, optimizer step) on the same random batch (and, for SimMIM and BEiT, the same mask):
+  mae       mimflow's MAE step vs transformers' `ViTMAEForPreTraining` (hf, SDPA attention) vs
+            lightly's masked ViT + decoder around a timm ViT (lightly, lightly's MAE example with
+            the norm-pix target); mask ratio 0.75, per-patch normalised pixel loss
+  simmim    mimflow's SimMIM step vs transformers' `ViTForMaskedImageModeling` (hf: SimMIM's
+            1x1-convolution + pixel-shuffle head, L1 on the masked pixels); SimMIM's grouped mask
+  beit      mimflow's BEiT step vs transformers' `BeitForMaskedImageModeling` (hf, configured as a
+            plain ViT: absolute position embeddings, no relative position bias, no layer scale);
+            both predict the tokens of the same frozen visual tokenizer (a random vqvae one of the
+            `tokenizer:` section's size, built in-process), which each step runs, as BEiT's does
+  finetune  mimflow's fine-tuning step (the classifier, optimizer with layer decay and
+            label-smoothed cross-entropy of the finetune stage) vs timm's own training step
+            (timm.create_model of the same ViT, timm.optim.create_optimizer_v2 with the same
+            layer decay, timm.loss.LabelSmoothingCrossEntropy), the same hyperparameters
+mimflow's arm is always the stage's step exactly as it runs: the model from `build_mim_model`
+(finetune: `build_classifier`), the optimizer from `make_optimizer`, `accelerate` prepare,
+`engine.loop.train_one_epoch` over one batch (its non-finite check and loss read-back included).
+The pretraining peers use torch AdamW at its defaults (what their users write).
+The encoder is the timm ViT `--encoder` (ViT-S: width 384, depth 12, 6 heads). Rounds are
+interleaved (the arms' order rotates each round) so that load from other processes falls on all
+arms alike; images/s is the median over rounds (spread: min..max). Training FLOPs per image are
+counted by torch.utils.flop_counter on one eager forward + backward (the optimizer's elementwise
+work is not counted); MFU = achieved FLOP/s over the best fp32 (or --dtype) GEMM throughput
+measured in this same run (before and after the rounds). Memory: each arm's peak above its built
+model, in a fresh process of its own (CPU: peak RSS over two steps, VmHWM reset once the arm is
+built; CUDA: peak allocated), so the arms do not see each other's caches.
 
 Usage:
-  python scripts/bench_pretrain.py                       # ViT-S/16, 224 px, batch 16, CPU fp32
+  python scripts/bench_pretrain.py                       # MAE, ViT-S/16, 224 px, batch 16, CPU fp32
   python scripts/bench_pretrain.py --batch 8 --img 112 --rounds 5
   python scripts/bench_pretrain.py --device cuda --dtype bf16 --batch 64
   python scripts/bench_pretrain.py --profile             # + torch.profiler table of mimflow's step
+  python scripts/bench_pretrain.py --objective simmim    # or beit, finetune
 Peers are benchmark-only dependencies: pip install -e '.[bench]'.
 """
 from __future__ import annotations
@@ -30,7 +42,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,11 +53,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's pipeline, whichever one the venv was installed from
 
-ARMS = ("mimflow", "hf", "lightly")
+ARMS = {"mae": ("mimflow", "hf", "lightly"), "simmim": ("mimflow", "hf"), "beit": ("mimflow", "hf"),
+        "finetune": ("mimflow", "timm")}  # objective -> its arms
+MASK_RATIO = {"mae": 0.75, "simmim": 0.6, "beit": 0.4}  # each objective's own default
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--objective", default="mae", choices=tuple(ARMS), help="the step to time")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--img", type=int, default=224)
     p.add_argument("--patch", type=int, default=16)
@@ -55,19 +69,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decoder-dim", type=int, default=512)
     p.add_argument("--decoder-depth", type=int, default=8)
     p.add_argument("--decoder-heads", type=int, default=16)
-    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--mask-ratio", type=float, default=None, help="default: the objective's (MAE 0.75, SimMIM 0.6, "
+                   "BEiT 0.4)")
+    p.add_argument("--classes", type=int, default=10, help="finetune: classes of the head")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (one step per arm each)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm first (the first counts FLOPs)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--arms", default=None, help="comma-separated (default: all of the objective's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-arm memory processes")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one mimflow step")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="further config overrides for the mimflow arm, e.g. run.compile=false")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one arm's memory
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mask_ratio is None:
+        args.mask_ratio = MASK_RATIO.get(args.objective, 0.0)
+    return args
 
 
 # ---------------------------------------------------------------------------------------- arms
@@ -84,50 +103,128 @@ def _autocast(args):
             else torch.autocast(dev, enabled=False))
 
 
-def mimflow_arm(args, images) -> Arm:
-    """The pretrain stage's step: build_mim_model, make_optimizer, accelerate prepare and
-    train_one_epoch, as `pipeline.engine.fit.fit` wires them."""
+class Batch:
+    """The one batch every arm trains on: images [B, C, H, W], labels [B], masks [B, h, w] (True =
+    masked; SimMIM and BEiT, drawn by mimflow's mask generator, as its data pipeline does) or None."""
+
+    def __init__(self, images, labels, masks):
+        self.images, self.labels, self.masks = images, labels, masks
+
+    def as_tuple(self) -> tuple:  # what the data loader gives the stage's loss function
+        return (self.images, self.labels) + ((self.masks,) if self.masks is not None else ())
+
+
+def mimflow_config(args):
+    """The config the stage would run with: this geometry and objective, then `--set`."""
     from pipeline.config import load_config
+
+    geometry = [f"model.backbone={args.encoder}", f"model.img_size={args.img}", f"model.patch_size={args.patch}",
+                f"run.device={args.device}", *(["run.mixed_precision=bf16"] if args.dtype == "bf16" else [])]
+    objective = {
+        "mae": ["pretrain.objective.name=mae", f"pretrain.objective.decoder_dim={args.decoder_dim}",
+                f"pretrain.objective.decoder_depth={args.decoder_depth}",
+                f"pretrain.objective.decoder_heads={args.decoder_heads}", "pretrain.objective.norm_pix_loss=true"],
+        "simmim": ["pretrain.objective.name=simmim"],
+        # a random vqvae tokenizer of the section's size (no teacher to load); a random codebook
+        # (no k-means on a first batch) so that it gives many different tokens
+        "beit": ["pretrain.objective.name=beit", "tokenizer.kind=vqvae", "tokenizer.kmeans_init=false"],
+        "finetune": [f"finetune.batch_size_per_device={args.batch}"],
+    }[args.objective]
+    if args.objective != "finetune":
+        objective += [f"pretrain.objective.mask_ratio={args.mask_ratio}", f"pretrain.batch_size_per_device={args.batch}"]
+    return load_config(None, [*geometry, *objective, *args.set])
+
+
+def make_batch(args) -> Batch:
+    """Seeded: the same batch in the timing process and in each memory process."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, args.channels, args.img, args.img, device=args.device)
+    labels = torch.randint(0, args.classes, (args.batch,), device=args.device)
+    masks = None
+    if args.objective in ("simmim", "beit"):
+        from pipeline.models.backbones import FAMILIES, backbone_spec, create_encoder
+        from pipeline.models.objectives import OBJECTIVES
+
+        cfg = mimflow_config(args)
+        encoder = create_encoder(args.encoder, args.img, args.patch, args.channels)
+        draw = OBJECTIVES[args.objective].mask_generator(cfg.pretrain.objective, encoder,
+                                                         FAMILIES[backbone_spec(args.encoder).encoder_family], args.img)
+        rng = np.random.default_rng(0)
+        masks = torch.from_numpy(np.stack([draw(rng) for _ in range(args.batch)])).to(args.device)
+    return Batch(images, labels, masks)
+
+
+def bench_tokenizer(cfg, args) -> torch.nn.Module:
+    """BEiT's frozen visual tokenizer as the stage loads one (`build_tokenizer` of the section's
+    `architecture`, eval mode, no gradients), randomly initialised: the same weights every call."""
+    from pipeline.models.backbones import create_encoder
+    from pipeline.models.tokenizer import build_tokenizer
+    from pipeline.stages.tokenizer import architecture
+
+    arch = architecture(cfg, args.channels, None)
+    torch.manual_seed(1)
+    encoder = create_encoder(arch["encoder_backbone"], args.img, args.patch, args.channels)
+    return build_tokenizer(encoder, **arch).to(args.device).eval().requires_grad_(False)
+
+
+def mimflow_model(cfg, args):
+    """-> (model, loss_fn(model, batch), optimizer section), as the pretrain or finetune stage builds them."""
+    if args.objective == "finetune":
+        from pipeline.stages.common import geometry_meta
+        from pipeline.stages.finetune import classification_loss
+        from pipeline.weights import build_classifier
+
+        meta = {**geometry_meta(cfg, {"channels": [f"band{i}" for i in range(args.channels)]}),
+                "num_classes": args.classes, "head": "linear"}
+        f = cfg.finetune
+        return (build_classifier(meta, drop_path_rate=f.drop_path), classification_loss(f.label_smoothing, None),
+                f.optimizer)
+    from pipeline.stages.pretrain import _objective_loss, build_mim_model
+
+    tokenizer = bench_tokenizer(cfg, args) if args.objective == "beit" else None
+    model, _ = build_mim_model(cfg, args.channels, tokenizer=tokenizer)
+    return model, _objective_loss, cfg.pretrain.optimizer
+
+
+def mimflow_arm(args, batch: Batch) -> Arm:
+    """The stage's step: its model, make_optimizer, accelerate prepare and train_one_epoch, as
+    `pipeline.engine.fit.fit` wires them."""
     from pipeline.distributed import make_accelerator, set_activation_checkpointing
     from pipeline.engine.fit import compile_step
     from pipeline.engine.loop import TrainStep, train_one_epoch
     from pipeline.engine.optim import make_optimizer, scaled_lr, warmup_cosine
     from pipeline.engine.state import LoopState
-    from pipeline.stages.pretrain import build_mim_model
     from pipeline.tracking.base import NullTracker
-    from pipeline.stages.pretrain import _objective_loss
 
-    overrides = [f"model.backbone={args.encoder}", f"model.img_size={args.img}", f"model.patch_size={args.patch}",
-                 "pretrain.objective.name=mae", f"pretrain.objective.mask_ratio={args.mask_ratio}",
-                 f"pretrain.objective.decoder_dim={args.decoder_dim}",
-                 f"pretrain.objective.decoder_depth={args.decoder_depth}",
-                 f"pretrain.objective.decoder_heads={args.decoder_heads}",
-                 "pretrain.objective.norm_pix_loss=true", f"pretrain.batch_size_per_device={args.batch}",
-                 f"run.device={args.device}", *(["run.mixed_precision=bf16"] if args.dtype == "bf16" else []),
-                 *args.set]
-    cfg = load_config(None, overrides)
+    cfg = mimflow_config(args)
     threads = torch.get_num_threads()
     acc = make_accelerator(cfg.run)  # sets run.cpu_threads for the process: restored for the peers
     torch.set_num_threads(threads)
-    model, _ = build_mim_model(cfg, args.channels)
+    torch.manual_seed(0)
+    model, loss_fn, opt = mimflow_model(cfg, args)
     set_activation_checkpointing(model, cfg.run.activation_checkpointing)
-    opt = cfg.pretrain.optimizer
     optimizer = make_optimizer(model, scaled_lr(opt.base_lr, args.batch), opt)
     model, optimizer = acc.prepare(model, optimizer)
     compiled = compile_step(model, cfg.run)
     scheduler = warmup_cosine(optimizer, 10, 1000)
-    step = TrainStep(model, optimizer, scheduler, acc, _objective_loss, NullTracker(), "pretrain", log_every=10**9)
-    batch = (images, torch.zeros(len(images), dtype=torch.long))
+    prefix = "finetune" if args.objective == "finetune" else "pretrain"
+    step = TrainStep(model, optimizer, scheduler, acc, loss_fn, NullTracker(), prefix, log_every=10**9)
+    data = batch.as_tuple()
     unwrapped = acc.unwrap_model(model)
 
     def fwd_bwd():  # the eager form of the same maths (FlopCounterMode counts eager ops)
-        kept, unwrapped.compiled_loss_at = unwrapped.compiled_loss_at, None
+        kept = getattr(unwrapped, "compiled_loss_at", None)
+        if kept is not None:
+            unwrapped.compiled_loss_at = None
         try:
             with _autocast(args):
-                loss = unwrapped(images)["loss"]
+                loss = loss_fn(unwrapped, data)["loss"]
             loss.backward()
         finally:
-            unwrapped.compiled_loss_at = kept
+            if kept is not None:
+                unwrapped.compiled_loss_at = kept
         unwrapped.zero_grad(set_to_none=True)
 
     def one_step():  # the stage sets run.cpu_threads once for the process; here for its own steps
@@ -135,14 +232,15 @@ def mimflow_arm(args, images) -> Arm:
         if cfg.run.cpu_threads and args.device == "cpu":
             torch.set_num_threads(cfg.run.cpu_threads)
         try:
-            train_one_epoch(step, [batch], LoopState())
+            train_one_epoch(step, [data], LoopState())
         finally:
             torch.set_num_threads(threads)
 
-    detail = (f"fast form {'on' if unwrapped.fast else 'off'}, torch.compile {'on' if compiled else 'off'}, "
-              f"run.cpu_threads={cfg.run.cpu_threads}, "
+    fast = getattr(unwrapped, "fast", None)
+    detail = (f"{type(unwrapped).__name__}, " + (f"fast form {'on' if fast else 'off'}, " if fast is not None else "")
+              + f"torch.compile {'on' if compiled else 'off'}, run.cpu_threads={cfg.run.cpu_threads}, "
               f"{type(optimizer.optimizer if hasattr(optimizer, 'optimizer') else optimizer).__name__} "
-              f"({_optimizer_impl(optimizer)})")
+              f"({_optimizer_impl(optimizer)}, {len(optimizer.param_groups)} groups)")
     return Arm("mimflow", one_step, fwd_bwd, detail)
 
 
@@ -152,9 +250,11 @@ def _optimizer_impl(optimizer) -> str:
     return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
 
 
-def _peer_step(model, loss_fn, args):
-    """A peer's plain step: torch AdamW at its defaults (what its users write)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=0.05)
+def _peer_step(model, loss_fn, args, optimizer=None):
+    """A peer's plain step; optimizer None: torch AdamW at its defaults (what its users write)."""
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4,
+                                      weight_decay=0.05)
 
     def step():
         with _autocast(args):
@@ -173,22 +273,86 @@ def _peer_step(model, loss_fn, args):
     return step, fwd_bwd, f"torch AdamW ({_optimizer_impl(optimizer)})"
 
 
-def hf_arm(args, images, vit) -> Arm:
+def _hf_geometry(args, vit) -> dict:
+    """The timm ViT's geometry as a transformers config's keywords."""
+    return dict(hidden_size=vit.embed_dim, num_hidden_layers=len(vit.blocks),
+                num_attention_heads=vit.blocks[0].attn.num_heads, intermediate_size=vit.blocks[0].mlp.fc1.out_features,
+                image_size=args.img, patch_size=args.patch, num_channels=args.channels, layer_norm_eps=1e-6,
+                attn_implementation="sdpa")
+
+
+def hf_arm(args, batch: Batch, vit) -> Arm:
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-    cfg = ViTMAEConfig(hidden_size=vit.embed_dim, num_hidden_layers=len(vit.blocks),
-                       num_attention_heads=vit.blocks[0].attn.num_heads,
-                       intermediate_size=vit.blocks[0].mlp.fc1.out_features, image_size=args.img,
-                       patch_size=args.patch, num_channels=args.channels, decoder_hidden_size=args.decoder_dim,
+    images = batch.images
+    cfg = ViTMAEConfig(**_hf_geometry(args, vit), decoder_hidden_size=args.decoder_dim,
                        decoder_num_hidden_layers=args.decoder_depth, decoder_num_attention_heads=args.decoder_heads,
                        decoder_intermediate_size=4 * args.decoder_dim, mask_ratio=args.mask_ratio,
-                       norm_pix_loss=True, layer_norm_eps=1e-6, attn_implementation="sdpa")
+                       norm_pix_loss=True)
     model = ViTMAEForPreTraining(cfg).to(args.device).train()
     step, fwd_bwd, opt = _peer_step(model, lambda: model(pixel_values=images).loss, args)
     return Arm("hf", step, fwd_bwd, f"ViTMAEForPreTraining, attention {model.config._attn_implementation}, {opt}")
 
 
-def lightly_arm(args, images, vit) -> Arm:
+def hf_simmim_arm(args, batch: Batch, vit) -> Arm:
+    """transformers' SimMIM: ViT with a mask token, 1x1 conv + pixel shuffle, L1 on the masked pixels."""
+    from transformers import ViTConfig, ViTForMaskedImageModeling
+
+    cfg = ViTConfig(**_hf_geometry(args, vit), encoder_stride=args.patch, qkv_bias=True)
+    model = ViTForMaskedImageModeling(cfg).to(args.device).train()
+    masked = batch.masks.flatten(1)  # [B, L]
+    step, fwd_bwd, opt = _peer_step(model, lambda: model(pixel_values=batch.images, bool_masked_pos=masked).loss, args)
+    return Arm("hf", step, fwd_bwd, f"ViTForMaskedImageModeling, attention {model.config._attn_implementation}, {opt}")
+
+
+def hf_beit_arm(args, batch: Batch, vit) -> Arm:
+    """transformers' BEiT as a plain ViT (absolute position embeddings, no relative position bias,
+    no layer scale: mimflow's BEiT on a timm ViT), predicting the same tokenizer's tokens."""
+    from transformers import BeitConfig, BeitForMaskedImageModeling
+
+    tokenizer = bench_tokenizer(mimflow_config(args), args)
+    cfg = BeitConfig(**_hf_geometry(args, vit), vocab_size=tokenizer.codebook_size, use_mask_token=True,
+                     use_absolute_position_embeddings=True, use_relative_position_bias=False,
+                     use_shared_relative_position_bias=False, layer_scale_init_value=0.0, drop_path_rate=0.0)
+    model = BeitForMaskedImageModeling(cfg).to(args.device).train()
+    masked = batch.masks.flatten(1)  # [B, L]
+
+    def loss():  # the tokens come from the frozen tokenizer every step, as in BEiT's own loop
+        labels = tokenizer.tokenize(batch.images).flatten(1)[masked]  # [N_masked]
+        return model(pixel_values=batch.images, bool_masked_pos=masked, labels=labels).loss
+
+    step, fwd_bwd, opt = _peer_step(model, loss, args)
+    return Arm("hf", step, fwd_bwd, f"BeitForMaskedImageModeling, attention {model.config._attn_implementation}, "
+                                    f"{tokenizer.codebook_size} tokens, {opt}")
+
+
+def timm_arm(args, batch: Batch) -> Arm:
+    """timm's own fine-tuning step (its train.py without mixup): create_model, create_optimizer_v2
+    with layer decay, LabelSmoothingCrossEntropy; the finetune stage's hyperparameters."""
+    import timm
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.optim import create_optimizer_v2
+
+    from pipeline.engine.optim import scaled_lr
+    from pipeline.models.backbones import backbone_spec
+
+    f = mimflow_config(args).finetune
+    variant = backbone_spec(args.encoder).variants[args.encoder]
+    torch.manual_seed(0)
+    model = timm.create_model(variant.arch, pretrained=False, **variant.overrides, img_size=args.img,
+                              patch_size=args.patch, in_chans=args.channels, num_classes=args.classes,
+                              drop_path_rate=f.drop_path, global_pool="token").to(args.device).train()
+    o = f.optimizer
+    optimizer = create_optimizer_v2(model, opt=o.name, lr=scaled_lr(o.base_lr, args.batch),
+                                    weight_decay=o.weight_decay, layer_decay=o.layer_decay, betas=tuple(o.betas))
+    criterion = LabelSmoothingCrossEntropy(smoothing=f.label_smoothing)
+    step, fwd_bwd, opt = _peer_step(model, lambda: criterion(model(batch.images), batch.labels), args, optimizer)
+    return Arm("timm", step, fwd_bwd, f"{variant.arch} (timm.create_model), create_optimizer_v2 layer_decay "
+                                      f"{o.layer_decay} ({len(optimizer.param_groups)} groups), "
+                                      f"LabelSmoothingCrossEntropy({f.label_smoothing}), {opt}")
+
+
+def lightly_arm(args, batch: Batch, vit) -> Arm:
     from lightly.models import utils
     from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
 
@@ -219,19 +383,26 @@ def lightly_arm(args, images, vit) -> Arm:
             target = (target - mean) / (var + 1e-6) ** 0.5
             return torch.nn.functional.mse_loss(pred, target)
 
+    images = batch.images
     model = LightlyMAE().to(args.device).train()
     step, fwd_bwd, opt = _peer_step(model, lambda: model(images), args)
     return Arm("lightly", step, fwd_bwd, f"MaskedVisionTransformerTIMM + MaskedVisionTransformerDecoderTIMM, {opt}")
 
 
-def build_arm(name: str, args, images) -> Arm:
+PEERS = {("mae", "hf"): hf_arm, ("mae", "lightly"): lightly_arm, ("simmim", "hf"): hf_simmim_arm,
+         ("beit", "hf"): hf_beit_arm}  # (objective, arm) -> builder(args, batch, the timm ViT)
+
+
+def build_arm(name: str, args, batch: Batch) -> Arm:
     if name == "mimflow":
-        return mimflow_arm(args, images)
+        return mimflow_arm(args, batch)
+    if args.objective == "finetune":
+        return {"timm": timm_arm}[name](args, batch)
     from pipeline.models.backbones import create_encoder
 
     torch.manual_seed(0)
     vit = create_encoder(args.encoder, args.img, args.patch, args.channels).to(args.device)
-    return {"hf": hf_arm, "lightly": lightly_arm}[name](args, images, vit)
+    return PEERS[(args.objective, name)](args, batch, vit)
 
 
 # ------------------------------------------------------------------------------------ measures
@@ -279,10 +450,23 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM, since the last reset). Not getrusage's ru_maxrss: a
+    process started by subprocess inherits its parent's peak there (the exec records the old
+    address space's), so it read as the whole benchmark's memory, not the arm's."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak_rss() -> None:
+    """VmHWM := the current RSS (Linux >= 4.0), so that building the arm does not count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def memory_of(name: str, args) -> dict:
     """In this (fresh) process: one arm's peak memory above its built model, over two steps."""
-    images = torch.randn(args.batch, args.channels, args.img, args.img, device=args.device)
-    arm = build_arm(name, args, images)
+    arm = build_arm(name, args, make_batch(args))
     if args.device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -291,9 +475,9 @@ def memory_of(name: str, args) -> dict:
         torch.cuda.synchronize()
         return {"peak_bytes": torch.cuda.max_memory_allocated() - base, "kind": "peak allocated above the weights"}
     base = rss_bytes()
+    reset_peak_rss()
     arm.step(), arm.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_bytes": peak - base, "kind": "peak RSS above the built model"}
+    return {"peak_bytes": peak_rss_bytes() - base, "kind": "peak RSS above the built model"}
 
 
 def memory_in_subprocess(name: str, argv: list[str]) -> dict | None:
@@ -317,6 +501,21 @@ def profile_table(arm: Arm, rows: int = 20) -> str:
 
 
 # ---------------------------------------------------------------------------------------- main
+def describe(args) -> str:
+    if args.objective == "mae":
+        return (f"decoder {args.decoder_dim} wide x {args.decoder_depth} deep x {args.decoder_heads} heads, "
+                f"mask {args.mask_ratio}, norm-pix loss, AdamW")
+    if args.objective == "simmim":
+        return f"mask {args.mask_ratio} (SimMIM's grouped mask), L1 loss on the masked pixels, AdamW"
+    if args.objective == "beit":
+        t = mimflow_config(args).tokenizer
+        return (f"mask {args.mask_ratio} (BEiT's block-wise mask), tokenizer {t.encoder} + {t.codebook_size} codes "
+                f"(random, frozen), cross-entropy on the masked tokens, AdamW")
+    f = mimflow_config(args).finetune
+    return (f"{args.classes} classes, drop path {f.drop_path}, label smoothing {f.label_smoothing}, "
+            f"{f.optimizer.name} with layer decay {f.optimizer.layer_decay}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -325,22 +524,23 @@ def main(argv=None) -> int:
     if args.memory_of:
         print(json.dumps(memory_of(args.memory_of, args)))
         return 0
-    names = [a for a in args.arms.split(",") if a]
-    print(f"bench_pretrain: {args.encoder} (timm) {args.img} px, patch {args.patch}, {args.channels} channels, "
-          f"decoder {args.decoder_dim} wide x {args.decoder_depth} deep x {args.decoder_heads} heads, "
-          f"mask {args.mask_ratio}, norm-pix loss, {args.dtype}, AdamW, batch {args.batch}, {args.device}")
+    names = [a for a in (args.arms or ",".join(ARMS[args.objective])).split(",") if a]
+    unknown = set(names) - set(ARMS[args.objective])
+    if unknown:
+        raise SystemExit(f"--arms {args.arms}: {args.objective} has the arms {', '.join(ARMS[args.objective])}")
+    print(f"bench_pretrain {args.objective}: {args.encoder} (timm) {args.img} px, patch {args.patch}, "
+          f"{args.channels} channels, {describe(args)}, {args.dtype}, batch {args.batch}, {args.device}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
           + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
     gemm = [gemm_flops(args)]
 
-    torch.manual_seed(0)
-    images = torch.randn(args.batch, args.channels, args.img, args.img, device=args.device)
+    batch = make_batch(args)
     arms = {}
     for name in names:
         t0 = time.perf_counter()
-        arms[name] = build_arm(name, args, images)
+        arms[name] = build_arm(name, args, batch)
         print(f"  {name:8s} built in {time.perf_counter() - t0:5.1f} s: {arms[name].detail}", flush=True)
 
     flops, first = {}, {}

@@ -11,6 +11,9 @@ path instead, so these never change what a model computes.
   last decoder block: the loss reads the masked patches only). Keys and values still come from
   every row; queries, the attention projection, the MLP and the residuals only from the rows
   asked for. The rows returned are those the full block would give.
+- `class_token_features`: a ViT classifier whose head reads the class token only (timm's
+  global_pool "token", what mimflow's ViT classifiers use) needs its last block at that one row:
+  `block_rows` of the last block at row 0 (about 1/12 of a ViT-S's training FLOPs saved).
 """
 from __future__ import annotations
 
@@ -96,3 +99,20 @@ def block_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tenso
     o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(B, M, A)))  # [B, M, D]
     y = gather_rows(x, rows) + block.drop_path1(o)
     return y + block.drop_path2(block.mlp(block.norm2(y)))
+
+
+def can_run_class_token(vit: nn.Module) -> bool:
+    """A timm ViT whose head reads the class token only (global_pool "token", no attention
+    pooling), with a plain last Block (not wrapped, e.g. by FSDP) and no activation checkpointing."""
+    return (isinstance(vit, VisionTransformer) and vit.global_pool == "token" and vit.attn_pool is None
+            and vit.cls_token is not None and not vit.grad_checkpointing and len(vit.blocks) > 0
+            and can_run_rows(vit.blocks[-1]))
+
+
+def class_token_features(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """images [B, C, H, W] -> vit.forward_features(images)[:, :1], [B, 1, D]: the class token
+    (row 0) after the final norm, the last block computed at that row only."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))  # [B, N, D], class token first
+    x = vit.blocks[:-1](x)
+    rows = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)  # [B, 1]
+    return vit.norm(block_rows(vit.blocks[-1], x, rows))

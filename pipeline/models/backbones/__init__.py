@@ -43,6 +43,9 @@ class BackboneSpec:
     masked_features(model, images, mask, mask_token): the encoder with masked patch embeddings
         replaced by `mask_token` -> feature map [B, D, h, w] (for SimMIM); None: unsupported.
     output_stride(model): input pixels per feature-map cell of `masked_features`.
+    masked_features_at(model, images, mask, mask_token, rows): the same features at patch rows
+        [B, M] only -> [B, M, D], computed for those rows only where the family can (BEiT's loss
+        reads the masked patches only); None from the call where it cannot for this model.
     """
     family: str
     variants: dict[str, Variant]
@@ -54,6 +57,7 @@ class BackboneSpec:
     adapt_encoder: Callable[[dict, nn.Module], dict] = lambda state, model: dict(state)
     block_classes: tuple[type, ...] = ()
     masked_features: Callable | None = None
+    masked_features_at: Callable | None = None
     output_stride: Callable[[nn.Module], int] | None = None
     uses_patch_size: bool = True
     uses_window_size: bool = False

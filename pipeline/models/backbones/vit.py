@@ -6,15 +6,34 @@ from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from pipeline.models import fast as fastvit
 from pipeline.models.backbones import BackboneSpec, Variant
 from pipeline.models.backbones._timm import build_timm
 
 
+class ClassTokenViT(VisionTransformer):
+    """timm's VisionTransformer (the same modules, parameters and state dict) whose training forward
+    computes the last block at the class token only, the one row the head reads (keys and values
+    still from every token): the same logits and gradients with fewer FLOPs
+    (tests/unit/models/test_finetune_fast.py). Eval mode, an attention mask, and any model
+    `pipeline.models.fast` does not know exactly (FSDP-wrapped blocks, activation checkpointing)
+    run timm's own forward."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        if self.training and attn_mask is None and not is_causal and fastvit.can_run_class_token(self):
+            return self.forward_head(fastvit.class_token_features(self, x))
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
 def build(variant: Variant, *, img_size, patch_size, in_chans, num_classes, window_size=None,
           drop_path_rate=0.0, pretrained_file=None) -> VisionTransformer:
-    return build_timm(variant, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                      num_classes=num_classes, drop_path_rate=drop_path_rate, pretrained_file=pretrained_file,
-                      global_pool="token")
+    model = build_timm(variant, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                       num_classes=num_classes, drop_path_rate=drop_path_rate, pretrained_file=pretrained_file,
+                       global_pool="token")
+    if num_classes and type(model) is VisionTransformer:
+        # timm's factory builds (and loads) the instance; only the training forward of the classifier changes
+        model.__class__ = ClassTokenViT
+    return model
 
 
 def check_patch_embed(state: dict, model: torch.nn.Module) -> None:
@@ -53,20 +72,36 @@ def adapt_encoder(state: dict, model: VisionTransformer) -> dict:
     return state
 
 
-def masked_features(model: VisionTransformer, images: torch.Tensor, mask: torch.Tensor,
-                    mask_token: torch.Tensor) -> torch.Tensor:
-    """images [B, C, H, W], mask [B, h, w] (True = masked) -> patch features [B, D, h, w].
-    Masked patch embeddings are replaced by mask_token [1, 1, D] before the position embedding
-    is added (SimMIM, Xie et al. 2022, ViT variant)."""
+def _masked_tokens(model: VisionTransformer, images: torch.Tensor, mask: torch.Tensor,
+                   mask_token: torch.Tensor) -> torch.Tensor:
+    """-> the blocks' input [B, prefix + L, D]: masked patch embeddings replaced by mask_token
+    [1, 1, D] before the position embedding is added (SimMIM, Xie et al. 2022, ViT variant)."""
     x = model.patch_embed(images)  # [B, L, D]
     w = mask.flatten(1).unsqueeze(-1).type_as(x)  # [B, L, 1]
     x = x * (1 - w) + mask_token.type_as(x) * w
-    x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
+    return model.norm_pre(model.patch_drop(model._pos_embed(x)))
+
+
+def masked_features(model: VisionTransformer, images: torch.Tensor, mask: torch.Tensor,
+                    mask_token: torch.Tensor) -> torch.Tensor:
+    """images [B, C, H, W], mask [B, h, w] (True = masked) -> patch features [B, D, h, w]."""
+    x = _masked_tokens(model, images, mask, mask_token)
     x = checkpoint_seq(model.blocks, x) if model.grad_checkpointing and x.requires_grad else model.blocks(x)
     x = model.norm(x)[:, model.num_prefix_tokens:]  # [B, L, D]
     B, L, D = x.shape
     h, w_ = model.patch_embed.grid_size
     return x.transpose(1, 2).reshape(B, D, h, w_)
+
+
+def masked_features_at(model: VisionTransformer, images: torch.Tensor, mask: torch.Tensor,
+                       mask_token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    """`masked_features` at patch rows [B, M] (0..L-1) -> [B, M, D], the last block computed at
+    those rows only (pipeline.models.fast.block_rows); None for a last block it does not know
+    exactly or under activation checkpointing."""
+    if model.grad_checkpointing or not fastvit.can_run_rows(model.blocks[-1]):
+        return None
+    x = model.blocks[:-1](_masked_tokens(model, images, mask, mask_token))  # [B, prefix + L, D]
+    return model.norm(fastvit.block_rows(model.blocks[-1], x, rows + model.num_prefix_tokens))
 
 
 SPEC = BackboneSpec(
@@ -86,5 +121,6 @@ SPEC = BackboneSpec(
     adapt_encoder=adapt_encoder,
     block_classes=(Block,),
     masked_features=masked_features,
+    masked_features_at=masked_features_at,
     output_stride=lambda model: model.patch_embed.patch_size[0],
 )

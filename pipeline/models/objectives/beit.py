@@ -40,7 +40,7 @@ class BEiTConfig(ObjectiveConfig):
 
 
 class BEiT(HoldsFrozen):
-    def __init__(self, encoder: nn.Module, backbone: BackboneSpec, tokenizer: VisualTokenizer):
+    def __init__(self, encoder: nn.Module, backbone: BackboneSpec, tokenizer: VisualTokenizer, fast: bool = True):
         super().__init__()
         if backbone.masked_features is None:
             raise ValueError(f"BEiT needs masked features from the {backbone.family} family; it has none")
@@ -51,6 +51,8 @@ class BEiT(HoldsFrozen):
                              f"does not fit the encoder's patch grid {grid} of {in_chans}-channel images")
         self.encoder = encoder
         self._features = backbone.masked_features  # a function, not a module: not in the state dict
+        # the encoder's last block at the masked patches only, where the family can (the same maths)
+        self._features_at = backbone.masked_features_at if fast else None
         self.in_chans, self.grid = in_chans, grid
         dim = encoder.patch_embed.proj.out_channels
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -80,14 +82,28 @@ class BEiT(HoldsFrozen):
         mask = mask.bool()
         tokens = self.tokenizer.tokenize(images)  # [B, h, w], no gradient
         masked = mask.flatten(1)  # [B, L]
-        feats = self._features(self.encoder, images, mask, self.mask_token)  # [B, D, h, w]
         # only the masked positions go through the head (BEiT's lm_head(x[bool_masked_pos]))
-        pred = self.lm_head(feats.flatten(2).transpose(1, 2)[masked])  # [N_masked, K]
+        pred = self.lm_head(self._masked_patch_features(images, mask))  # [N_masked, K]
         target = tokens.flatten(1)[masked]  # [N_masked]
         loss = F.cross_entropy(pred, target)
         accuracy = (pred.detach().argmax(-1) == target).float().mean()
         return {"loss": loss, "pred": pred, "mask": masked.float(), "tokens": tokens,
                 "metrics": {"token_accuracy": accuracy}}
+
+    def _masked_patch_features(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """-> the encoder's features at the masked patches [N_masked, D], image by image in raster
+        order (x[bool_masked_pos]). Fast form: the last block runs at each image's masked rows only,
+        padded to the largest count per image (the padding rows are dropped after)."""
+        masked = mask.flatten(1)  # [B, L]
+        counts = masked.sum(1)  # [B]
+        if self._features_at is not None and int(counts.max()) > 0:
+            # each image's masked positions first, in raster order (a stable sort), then padding
+            rows = torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices[:, :int(counts.max())]  # [B, M]
+            feats = self._features_at(self.encoder, images, mask, self.mask_token, rows)  # [B, M, D]
+            if feats is not None:
+                return feats[torch.arange(rows.shape[1], device=rows.device) < counts[:, None]]
+        feats = self._features(self.encoder, images, mask, self.mask_token)  # [B, D, h, w]
+        return feats.flatten(2).transpose(1, 2)[masked]
 
     @torch.no_grad()
     def predict_tokens(self, images: torch.Tensor, mask: torch.Tensor) -> dict:

@@ -15,14 +15,7 @@ from pipeline.models.objectives.mae import MAE
 from registry_pairs import build_pair
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread. Two threads on a loaded 2-core machine cost ~80x here
-    (every small op waits for the second thread to be scheduled)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _loss_and_grads(model: MAE, images: torch.Tensor, fast: bool, seed: int = 1):
