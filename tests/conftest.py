@@ -114,3 +114,15 @@ def mlflow_server(tmp_path_factory):
            "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
     with http_process(cmd, f"{uri}/health", root, root / "server.log", timeout=120):
         yield uri
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread. Two threads on a loaded 2-core machine cost ~80x here
+    (every small op waits for the second thread to be scheduled)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
