@@ -219,38 +219,69 @@ def report_markdown(res: SweepResults, tables: list[FractionTable], plot_name: s
     return "\n".join(lines) + "\n"
 
 
+def panels(arms: list[Arm]) -> list[tuple[str, list[int]]]:
+    """The figure's panels -> [(title, indices into arms)]: one per head (its arms from scratch and
+    pretrained), each with every baseline too, so no panel holds more lines than one head's inits
+    plus the baselines; a single panel when there is one head."""
+    heads: dict[str, list[int]] = {}
+    for i, arm in enumerate(arms):
+        if not arm.baseline:
+            heads.setdefault(arm.head or arm.key, []).append(i)
+    base = [i for i, arm in enumerate(arms) if arm.baseline]
+    if len(heads) <= 1:
+        return [("", list(range(len(arms))))]
+    return [(f"head `{name}`", idx + base) for name, idx in heads.items()]
+
+
 def plot_label_efficiency(res: SweepResults, tables: list[FractionTable], path: Path) -> Path:
     """The metric (%) against the labels used (train + validation, mean over repetitions, log
-    scale): one line per arm, its interval as a band; baselines dashed."""
+    scale): one line per arm, its interval as a band, baselines dashed; one panel per head
+    (`panels`), sharing the y axis, an initialisation in the same colour in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x = np.array([np.mean(res.labels[t.fraction]["train"]) + np.mean(res.labels[t.fraction]["val"]) for t in tables])
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colours = plt.get_cmap("tab10" if len(res.arms) <= 10 else "tab20")
-    for i, arm in enumerate(res.arms):
-        y = np.array([t.cells[i].mean for t in tables]) * 100
-        if np.isnan(y).all():
-            continue
-        lo = np.array([t.cells[i].low for t in tables]) * 100
-        hi = np.array([t.cells[i].high for t in tables]) * 100
-        style = "--" if arm.baseline else "-"
-        ax.plot(x, y, style, marker="o", color=colours(i % colours.N), label=arm.label, linewidth=1.5)
-        ax.fill_between(x, lo, hi, color=colours(i % colours.N), alpha=0.12)
-    ax.set_xscale("log")
-    ax.set_xticks(x, [f"{v:.0f}\n({t.fraction:g})" for v, t in zip(x, tables)])
-    ax.minorticks_off()
-    ax.set_xlabel("labelled images used: train + validation (fraction)")
-    ax.set_ylabel(f"test {res.metric.replace('_', ' ')} (%)")
-    ax.set_title(f"{res.name}: mean over repetitions x seeds, {res.confidence:.0%} bootstrap bands")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    groups = panels(res.arms)
+    cols = min(2, len(groups))
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(8 if cols == 1 else 12, 5 if rows == 1 else 4.2 * rows),
+                             sharey=True, squeeze=False)
+    # colour by what differs within a panel: the initialisation (or the baseline itself)
+    keys = list(dict.fromkeys(_colour_key(a) for a in res.arms))
+    colours = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20")
+    for ax, (title, idx) in zip(axes.flat, groups):
+        for i in idx:
+            arm = res.arms[i]
+            y = np.array([t.cells[i].mean for t in tables]) * 100
+            if np.isnan(y).all():
+                continue
+            lo = np.array([t.cells[i].low for t in tables]) * 100
+            hi = np.array([t.cells[i].high for t in tables]) * 100
+            colour = colours(keys.index(_colour_key(arm)) % colours.N)
+            ax.plot(x, y, "--" if arm.baseline else "-", marker="o", color=colour, label=arm.label, linewidth=1.5)
+            ax.fill_between(x, lo, hi, color=colour, alpha=0.12)
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{v:.0f}\n({t.fraction:g})" for v, t in zip(x, tables)])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled images used: train + validation (fraction)")
+        ax.set_ylabel(f"test {res.metric.replace('_', ' ')} (%)")
+        if title:
+            ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{res.name}: mean over repetitions x seeds, {res.confidence:.0%} bootstrap bands")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _colour_key(arm: Arm) -> str:
+    return arm.key if arm.baseline else (arm.init.name if arm.pretrained else "scratch")
 
 
 def write_report(res: SweepResults, folder: Path) -> dict[str, Path]:

@@ -70,3 +70,15 @@ def test_report_table_verdicts_csv_and_plot(tmp_path):
     rows = list(csv.DictReader(paths["results.csv"].open()))
     assert len(rows) == 24 and list(rows[0]) == list(CSV_FIELDS)
     assert paths["label_efficiency.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_figure_has_a_panel_per_head_each_with_every_baseline():
+    from pipeline.sweep.report import panels
+
+    arms = [Arm("scratch-vit", "ViT", "network", None, "vit", "vit_debug"),
+            Arm("mae-vit", "ViT + MAE", "network", Init("mae", "pretrain", "mae"), "vit", "vit_debug"),
+            Arm("scratch-swin", "Swin", "network", None, "swin", "swin_debug"),
+            Arm("resnet18", "ResNet", "network", None, None, "resnet18", baseline=True),
+            Arm("logistic_regression", "LR", "classical", estimator="logistic_regression", baseline=True)]
+    assert panels(arms) == [("head `vit`", [0, 1, 3, 4]), ("head `swin`", [2, 3, 4])]
+    assert panels(arms[:2] + arms[3:]) == [("", [0, 1, 2, 3])]  # one head: one panel, as before
