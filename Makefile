@@ -23,15 +23,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mimflow run
 
+# two workers (pytest-xdist), a test file each at a time so its module fixtures are built once;
+# every test process runs one torch thread (tests/conftest.py), so two workers fill two cores
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 ui: $(STAMP)
 	# the demo's runs and registered models, at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q tests -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests -m "not slow"
 
 clean:
 	rm -rf mimflow_runs mlartifacts mlflow.db .mimflow
