@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from pipeline.config import Config, FinetuneConfig, MultilabelConfig, config_from_dict, stage_dir
+from pipeline.config import Config, FinetuneConfig, MultilabelConfig, changed_keys, config_from_dict, stage_dir
 from pipeline.data.labels import check_labels, label_matrix, multilabel_fraction
 from pipeline.data.manifest import Record, load_dataset_info, load_manifest, select, stratified_fraction
 from pipeline.data.stats import load_stats
@@ -200,8 +200,7 @@ def _objective(f: FinetuneConfig, task: str, train_recs: list[Record], classes: 
                teacher: torch.nn.Module | None, teacher_thresholds: torch.Tensor | None) -> Objective:
     if task != "multilabel":
         # keys that differ from the defaults (a config rebuilt from a dict has every key "set")
-        changed = sorted(k for k, v in f.multilabel.model_dump().items()
-                         if v != MultilabelConfig.model_fields[k].get_default(call_default_factory=True))
+        changed = sorted(changed_keys(f.multilabel))
         if changed:
             print(f"finetune: finetune.multilabel ({', '.join(changed)}) is not used: "
                   "the task is multiclass", flush=True)
