@@ -45,8 +45,9 @@ class RunConfig(_Section):
     activation_checkpointing: bool = resume_safe(False)
     # a non-finite loss skips its optimizer step; this many in a row stop the run
     max_consecutive_nonfinite: int = resume_safe(5, ge=1)
-    # torch.compile the objective's step where it offers one (MAE: everything but the mask draw):
-    # 0-5 % faster at ViT-S on a 2-core CPU after ~110 s of compiling; a compile error falls back to eager
+    # torch.compile the training step (MAE: everything but the mask draw; SimMIM, BEiT and the
+    # classifiers: the module's forward): 0-5 % faster at ViT-S on a 2-core CPU after ~110 s of
+    # compiling; a compile error falls back to eager with a warning
     compile: bool = False
     # torch threads on CPU (None: torch's default, one per core); on a CPU shared with other
     # work fewer threads can be much faster (scripts/bench_pretrain.py)

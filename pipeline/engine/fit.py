@@ -16,6 +16,7 @@ from accelerate import Accelerator
 
 from pipeline.config import Config, OptimizerConfig, stage_dir
 from pipeline.distributed import seed_per_rank, set_activation_checkpointing, show_progress
+from pipeline.engine.compiled import compile_forward
 from pipeline.engine.loaders import make_loader
 from pipeline.engine.loop import LossFn, TrainStep, train_one_epoch
 from pipeline.engine.optim import make_optimizer, scaled_lr, warmup_cosine
@@ -91,14 +92,15 @@ class Fitted:
 
 def compile_step(model: torch.nn.Module, run) -> bool:
     """run.compile: compile the objective's step where the module offers one (`compile_step()`;
-    MAE compiles its maths, its masks stay eager) -> whether compilation is on."""
+    MAE compiles its maths, its masks stay eager), else the module's whole forward
+    (`engine.compiled.CompiledForward`: SimMIM, BEiT, the classifiers) -> whether compilation is on."""
     module = getattr(model, "module", model)  # under DDP
     if not run.compile:
         return False
-    if not hasattr(module, "compile_step"):
-        print(f"run.compile: {type(module).__name__} offers no compiled step; it runs eager", flush=True)
-        return False
-    module.compile_step()
+    if hasattr(module, "compile_step"):
+        module.compile_step()
+    else:
+        compile_forward(module)
     return True
 
 
