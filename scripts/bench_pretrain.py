@@ -22,11 +22,16 @@ The pretraining peers use torch AdamW at its defaults (what their users write).
 The encoder is the timm ViT `--encoder` (ViT-S: width 384, depth 12, 6 heads). Rounds are
 interleaved (the arms' order rotates each round) so that load from other processes falls on all
 arms alike; images/s is the median over rounds (spread: min..max). Training FLOPs per image are
-counted by torch.utils.flop_counter on one eager forward + backward (the optimizer's elementwise
-work is not counted); MFU = achieved FLOP/s over the best fp32 (or --dtype) GEMM throughput
+counted by torch.utils.flop_counter on one eager forward + backward: matmuls, convolutions and
+attention (with formulas for the CPU flash-attention kernel, which torch's counter lacks); the
+optimizer's elementwise work is not counted; MFU = achieved FLOP/s over the best fp32 (or --dtype) GEMM throughput
 measured in this same run (before and after the rounds). Memory: each arm's peak above its built
 model, in a fresh process of its own (CPU: peak RSS over two steps, VmHWM reset once the arm is
 built; CUDA: peak allocated), so the arms do not see each other's caches.
+Input: whether the stage's input pipeline keeps up with mimflow's step. On a prepared folder
+(--loader; default: the demo's, once `make demo` has prepared it) the stage's own training dataset
+(decoded-tile cache, normalisation, augmentation to --img, SimMIM/BEiT masks) is read by one
+data-loader worker; its images/s is set against the step's, with the workers that keep up.
 
 Usage:
   python scripts/bench_pretrain.py                       # MAE, ViT-S/16, 224 px, batch 16, CPU fp32
@@ -34,6 +39,7 @@ Usage:
   python scripts/bench_pretrain.py --device cuda --dtype bf16 --batch 64
   python scripts/bench_pretrain.py --profile             # + torch.profiler table of mimflow's step
   python scripts/bench_pretrain.py --objective simmim    # or beit, finetune
+  python scripts/bench_pretrain.py --loader .mimflow/data/eurosat   # input of another prepared folder
 Peers are benchmark-only dependencies: pip install -e '.[bench]'.
 """
 from __future__ import annotations
@@ -80,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-arm memory processes")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one mimflow step")
+    p.add_argument("--loader", default="auto", metavar="DIR",
+                   help="a prepared folder (manifest.csv, stats.json) whose input pipeline to time against "
+                        "the step; auto: the demo's (.mimflow/data/<name>) if it is there; none: skip")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="further config overrides for the mimflow arm, e.g. run.compile=false")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one arm's memory
@@ -142,18 +151,24 @@ def make_batch(args) -> Batch:
     torch.manual_seed(0)
     images = torch.randn(args.batch, args.channels, args.img, args.img, device=args.device)
     labels = torch.randint(0, args.classes, (args.batch,), device=args.device)
-    masks = None
-    if args.objective in ("simmim", "beit"):
-        from pipeline.models.backbones import FAMILIES, backbone_spec, create_encoder
-        from pipeline.models.objectives import OBJECTIVES
-
-        cfg = mimflow_config(args)
-        encoder = create_encoder(args.encoder, args.img, args.patch, args.channels)
-        draw = OBJECTIVES[args.objective].mask_generator(cfg.pretrain.objective, encoder,
-                                                         FAMILIES[backbone_spec(args.encoder).encoder_family], args.img)
+    masks, draw = None, mask_draw(args)
+    if draw is not None:
         rng = np.random.default_rng(0)
         masks = torch.from_numpy(np.stack([draw(rng) for _ in range(args.batch)])).to(args.device)
     return Batch(images, labels, masks)
+
+
+def mask_draw(args):
+    """The data pipeline's mask generator, rng -> bool [h, w] (SimMIM, BEiT), else None (MAE masks
+    inside the model; fine-tuning masks nothing)."""
+    if args.objective not in ("simmim", "beit"):
+        return None
+    from pipeline.models.backbones import FAMILIES, backbone_spec, create_encoder
+    from pipeline.models.objectives import OBJECTIVES
+
+    encoder = create_encoder(args.encoder, args.img, args.patch, args.channels)
+    return OBJECTIVES[args.objective].mask_generator(mimflow_config(args).pretrain.objective, encoder,
+                                                     FAMILIES[backbone_spec(args.encoder).encoder_family], args.img)
 
 
 def bench_tokenizer(cfg, args) -> torch.nn.Module:
@@ -215,9 +230,15 @@ def mimflow_arm(args, batch: Batch) -> Arm:
     unwrapped = acc.unwrap_model(model)
 
     def fwd_bwd():  # the eager form of the same maths (FlopCounterMode counts eager ops)
-        kept = getattr(unwrapped, "compiled_loss_at", None)
+        from pipeline.engine.compiled import CompiledForward
+
+        kept = getattr(unwrapped, "compiled_loss_at", None)  # MAE's compiled step
+        forward = unwrapped.__dict__.get("forward")  # any other module's compiled forward
+        compiled = forward.compiled if isinstance(forward, CompiledForward) else None
         if kept is not None:
             unwrapped.compiled_loss_at = None
+        if compiled is not None:
+            forward.compiled = None
         try:
             with _autocast(args):
                 loss = loss_fn(unwrapped, data)["loss"]
@@ -225,6 +246,8 @@ def mimflow_arm(args, batch: Batch) -> Arm:
         finally:
             if kept is not None:
                 unwrapped.compiled_loss_at = kept
+            if compiled is not None:
+                forward.compiled = compiled
         unwrapped.zero_grad(set_to_none=True)
 
     def one_step():  # the stage sets run.cpu_threads once for the process; here for its own steps
@@ -429,12 +452,33 @@ def gemm_flops(args, seconds: float = 1.0) -> tuple[float, int]:
     return best
 
 
-def count_flops(arm: Arm) -> int:
+def _cpu_attention_flops() -> dict:
+    """FLOP formulas for the CPU flash-attention kernel, forward and backward, which torch's counter
+    (2.14) leaves out: without them every arm's attention (~6 % of MAE's training FLOPs at ViT-S/16)
+    counted as free. The same counts torch uses for its CUDA kernels (sdpa_flop_count and
+    sdpa_backward_flop_count: the two batched matmuls each way, 4 in the backward)."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
+def count_flops(arm: Arm) -> tuple[int, int]:
+    """-> (training FLOPs of one forward + backward, of which attention's)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
         arm.fwd_bwd()
-    return counter.get_total_flops()
+    attention = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "attention" in str(op))
+    return counter.get_total_flops(), attention
 
 
 def timed(arm: Arm, args) -> float:
@@ -500,6 +544,90 @@ def profile_table(arm: Arm, rows: int = 20) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+# ------------------------------------------------------------------------------- input pipeline
+def default_prepared() -> Path:
+    """Where `make demo` (`mimflow run` at the defaults) prepares its data: <data.root>/<data.name>."""
+    from pipeline.config import load_config
+
+    data = load_config(None, []).data
+    return REPO / data.root / data.name
+
+
+def loader_rate(args, prepared: Path, seconds: float = 3.0, rounds: int = 2) -> dict:
+    """The stage's input pipeline on a prepared folder, with the decoded-tile cache: images/s of
+    ONE data-loader worker. The dataset is the stage's own (`make_dataset`: the cached reader,
+    normalisation, the training augmentation resized to --img, and, for SimMIM/BEiT, the mask
+    drawn per sample by `SeededAugmentation`), read by a num_workers=0 DataLoader, shuffled, at
+    --batch, with torch on one thread as in a worker. The cache is built in a temporary folder
+    first (timed: the first epoch's decode). Best of `rounds` time boxes of `seconds`."""
+    import shutil
+    import tempfile
+
+    from torch.utils.data import DataLoader
+
+    from pipeline.data.cache import cached_reader
+    from pipeline.data.manifest import load_manifest, select
+    from pipeline.data.stats import load_stats
+    from pipeline.engine.state import SeededAugmentation
+    from pipeline.stages.common import make_dataset
+
+    cfg = mimflow_config(args)
+    records = load_manifest(prepared / "manifest.csv")
+    split = "train" if args.objective == "finetune" else "unlabelled"
+    pool = select(records, split) or select(records, "train")  # the pretrain stage's pool rule
+    stats = load_stats(prepared / "stats.json")
+    threads = torch.get_num_threads()
+    root = Path(tempfile.mkdtemp(prefix="mimflow-bench-cache-"))
+    try:
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        read_fn = cached_reader(pool, root, reader_options=cfg.data.reader_options, quiet=True)
+        build = len(pool) / (time.perf_counter() - t0)
+        dataset = SeededAugmentation(make_dataset(cfg, pool, stats, train=True, img_size=args.img, read_fn=read_fn),
+                                     cfg.run.seed, mask_draw(args))
+        loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=0,
+                            generator=torch.Generator().manual_seed(0))
+        next(iter(loader))  # first-touch of the shards, imports: not timed
+        best = 0.0
+        for _ in range(rounds):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                for batch in loader:
+                    n += len(batch[0])
+                    if time.perf_counter() - t0 >= seconds:
+                        break
+            best = max(best, n / (time.perf_counter() - t0))
+        shape = tuple(read_fn(pool[0]).shape)
+        dtype = str(read_fn(pool[0]).dtype)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(root, ignore_errors=True)
+    return {"rate": best, "build": build, "pool": len(pool), "split": pool[0].split, "shape": shape,
+            "dtype": dtype, "name": prepared.name, "num_workers": cfg.run.num_workers,
+            "masks": args.objective in ("simmim", "beit")}
+
+
+def input_lines(info: dict, step_rate: float, args) -> list[str]:
+    """Whether the input keeps up with the step: workers needed, and what loading in the training
+    process (run.num_workers=0) adds to each step."""
+    r = info["rate"]
+    need = max(1, -(-step_rate // r)) if r else float("inf")
+    c, h, w = info["shape"]
+    return [
+        f"input: {info['name']}, {info['pool']:,} {info['split']} tiles {info['dtype']} [{c}, {h}, {w}] -> "
+        f"{args.img} px, the stage's dataset (decoded-tile cache, normalise, augment"
+        f"{', masks' if info['masks'] else ''}), one worker (1 thread):",
+        f"  loader {r:,.1f} img/s per worker vs mimflow's step {step_rate:.2f} img/s: {r / step_rate:,.1f}x; "
+        f"{int(need)} worker(s) keep up",
+        f"  at run.num_workers={info['num_workers']}"
+        + (f" (loading in the training process) each step also waits for its batch: +{100 * step_rate / r:.1f}% "
+           f"of the step's time" if info["num_workers"] == 0 else
+           f": {info['num_workers'] * r:,.0f} img/s of input, "
+           + ("keeps up" if info["num_workers"] * r >= step_rate else "does NOT keep up: raise run.num_workers")),
+        f"  cache build (first epoch: decode + write shards): {info['build']:,.0f} img/s",
+    ]
+
+
 # ---------------------------------------------------------------------------------------- main
 def describe(args) -> str:
     if args.objective == "mae":
@@ -524,6 +652,7 @@ def main(argv=None) -> int:
     if args.memory_of:
         print(json.dumps(memory_of(args.memory_of, args)))
         return 0
+    prepared = prepared_folder(args)
     names = [a for a in (args.arms or ",".join(ARMS[args.objective])).split(",") if a]
     unknown = set(names) - set(ARMS[args.objective])
     if unknown:
@@ -543,9 +672,9 @@ def main(argv=None) -> int:
         arms[name] = build_arm(name, args, batch)
         print(f"  {name:8s} built in {time.perf_counter() - t0:5.1f} s: {arms[name].detail}", flush=True)
 
-    flops, first = {}, {}
+    flops, attention, first = {}, {}, {}
     for name, arm in arms.items():
-        flops[name] = count_flops(arm)
+        flops[name], attention[name] = count_flops(arm)
         for i in range(args.warmup):
             t = timed(arm, args)
             first.setdefault(name, t)
@@ -588,10 +717,30 @@ def main(argv=None) -> int:
             useful = flops[ref] / args.batch * rate["mimflow"]
             print(f"mimflow at the reference maths' FLOPs ({ref}: {flops[ref] / args.batch / 1e9:.2f} GFLOP/img): "
                   f"{useful / 1e9:.1f} GFLOP/s, MFU {useful / peak:.2f}")
+    print("GFLOP/img: matmuls, convolutions and attention, forward + backward (torch.utils.flop_counter); attention "
+          + ", ".join(f"{n} {attention[n] / args.batch / 1e9:.2f}" for n in names))
     if memory:
         kinds = {m["kind"] for m in memory.values() if m}
         print(f"peak MB: {', '.join(kinds)} (one fresh process per arm)")
+    if "mimflow" in rate and prepared is not None:
+        print("\n".join(input_lines(loader_rate(args, prepared), rate["mimflow"], args)))
+    elif "mimflow" in rate and args.loader == "auto":
+        print(f"input: not timed: no prepared data at {default_prepared()} (run `make demo`, or pass --loader DIR)")
     return 0
+
+
+def prepared_folder(args) -> Path | None:
+    """--loader -> the prepared folder to time, or None (none; auto without the demo's data).
+    Raises SystemExit for a --loader DIR that is not a prepared folder (checked before any timing)."""
+    if args.loader == "none":
+        return None
+    prepared = default_prepared() if args.loader == "auto" else Path(args.loader)
+    if (prepared / "manifest.csv").is_file() and (prepared / "stats.json").is_file():
+        return prepared
+    if args.loader == "auto":
+        return None
+    raise SystemExit(f"--loader {args.loader}: not a prepared folder (needs manifest.csv and stats.json; "
+                     f"`mimflow prepare` writes one)")
 
 
 if __name__ == "__main__":
