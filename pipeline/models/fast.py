@@ -109,10 +109,11 @@ def can_run_class_token(vit: nn.Module) -> bool:
             and can_run_rows(vit.blocks[-1]))
 
 
-def class_token_features(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """images [B, C, H, W] -> vit.forward_features(images)[:, :1], [B, 1, D]: the class token
-    (row 0) after the final norm, the last block computed at that row only."""
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))  # [B, N, D], class token first
+def class_token_features(vit: VisionTransformer, images: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    """images [B, C, H, W] -> vit.forward_features(images)[:, :rows], [B, rows, D]: the first
+    `rows` prefix tokens (the class token; DeiT's class and distillation tokens: rows=2) after the
+    final norm, the last block computed at those rows only."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))  # [B, N, D], prefix tokens first
     x = vit.blocks[:-1](x)
-    rows = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)  # [B, 1]
-    return vit.norm(block_rows(vit.blocks[-1], x, rows))
+    at = torch.arange(rows, device=x.device).expand(x.shape[0], rows)  # [B, rows]
+    return vit.norm(block_rows(vit.blocks[-1], x, at))

@@ -12,13 +12,23 @@ from timm.models.vision_transformer import Block
 
 from pipeline.models.backbones import BackboneSpec, Variant
 from pipeline.models.backbones._timm import build_timm
-from pipeline.models.backbones.vit import check_patch_embed, resize_grid, split_pos_embed
+from pipeline.models.backbones.vit import HeadRowsForward, check_patch_embed, resize_grid, split_pos_embed
+
+
+class ClassTokenDeiT(HeadRowsForward, VisionTransformerDistilled):
+    """timm's distilled DeiT (the same modules, parameters and state dict) whose training forward
+    computes the last block at the class and distillation tokens only, the two rows its heads read."""
+
+    HEAD_ROWS = 2
 
 
 def build(variant: Variant, *, img_size, patch_size, in_chans, num_classes, window_size=None,
           drop_path_rate=0.0, pretrained_file=None) -> VisionTransformerDistilled:
-    return build_timm(variant, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                      num_classes=num_classes, drop_path_rate=drop_path_rate, pretrained_file=pretrained_file)
+    model = build_timm(variant, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                       num_classes=num_classes, drop_path_rate=drop_path_rate, pretrained_file=pretrained_file)
+    if num_classes and type(model) is VisionTransformerDistilled:
+        model.__class__ = ClassTokenDeiT  # as ViT's: only the classifier's training forward changes
+    return model
 
 
 def adapt_encoder(state: dict, model: VisionTransformerDistilled) -> dict:

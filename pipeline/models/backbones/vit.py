@@ -11,18 +11,24 @@ from pipeline.models.backbones import BackboneSpec, Variant
 from pipeline.models.backbones._timm import build_timm
 
 
-class ClassTokenViT(VisionTransformer):
-    """timm's VisionTransformer (the same modules, parameters and state dict) whose training forward
-    computes the last block at the class token only, the one row the head reads (keys and values
-    still from every token): the same logits and gradients with fewer FLOPs
-    (tests/unit/models/test_finetune_fast.py). Eval mode, an attention mask, and any model
-    `pipeline.models.fast` does not know exactly (FSDP-wrapped blocks, activation checkpointing)
-    run timm's own forward."""
+class HeadRowsForward:
+    """Mixin for a timm ViT classifier whose head reads its first HEAD_ROWS tokens only: the training
+    forward computes the last block at those rows (keys and values still from every token), the
+    same logits and gradients with fewer FLOPs (tests/unit/models/test_finetune_fast.py). Eval
+    mode, an attention mask, and any model `pipeline.models.fast` does not know exactly
+    (FSDP-wrapped blocks, activation checkpointing) run timm's own forward."""
+
+    HEAD_ROWS = 1
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         if self.training and attn_mask is None and not is_causal and fastvit.can_run_class_token(self):
-            return self.forward_head(fastvit.class_token_features(self, x))
+            return self.forward_head(fastvit.class_token_features(self, x, self.HEAD_ROWS))
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+class ClassTokenViT(HeadRowsForward, VisionTransformer):
+    """timm's VisionTransformer (the same modules, parameters and state dict) whose training forward
+    computes the last block at the class token only, the one row the head reads."""
 
 
 def build(variant: Variant, *, img_size, patch_size, in_chans, num_classes, window_size=None,
