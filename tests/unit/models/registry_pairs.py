@@ -34,3 +34,40 @@ def masks_for(model, spec, section, family, img: int, batch: int, seed: int = 0)
     draw = spec.mask_generator(section, spec.encoder(model), family, img)
     rng = np.random.default_rng(seed)
     return torch.from_numpy(np.stack([draw(rng) for _ in range(batch)]))
+
+
+def real_tiles(prepared, n: int, split: str = "unlabelled") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n tiles of a prepared split (falling back to train, as pretraining's pool does),
+    normalised as training sees them, at the tiles' own size -> (images [n, C, H, W], labels [n];
+    -1 where unlabelled)."""
+    from pipeline.data.dataset import ManifestDataset
+    from pipeline.data.manifest import load_manifest, select
+    from pipeline.data.stats import load_stats
+    from pipeline.data.transforms import eval_transform
+
+    records = load_manifest(prepared / "manifest.csv")
+    pool = (select(records, split) or select(records, "train"))[:n]
+    data = ManifestDataset(pool, load_stats(prepared / "stats.json"), eval_transform(16))
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    labels = torch.tensor([r.label if isinstance(r.label, int) else -1 for r in pool])
+    return images, labels
+
+
+def adamw_loss_curve(model, tiles: torch.Tensor, loss_of, steps: int = 200, batch: int = 32,
+                     lr: float = 2e-3) -> torch.Tensor:
+    """`steps` AdamW steps (weight decay 0.05) over `tiles` batch after batch, wrapping around ->
+    the losses [steps]. loss_of(model, images, step) -> that step's loss (drawing the step's masks
+    from `step`, so that two models compared see the same ones)."""
+    from pipeline.config import OptimizerConfig
+    from pipeline.engine.optim import make_optimizer
+
+    optimizer = make_optimizer(model, lr, OptimizerConfig(name="adamw", weight_decay=0.05))
+    losses = []
+    for step in range(steps):
+        at = (step * batch) % len(tiles)
+        loss = loss_of(model, tiles[at:at + batch], step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return torch.tensor(losses)

@@ -6,13 +6,9 @@ import copy
 import pytest
 import torch
 
-from pipeline.config import OptimizerConfig
-from pipeline.data.manifest import load_manifest, select
-from pipeline.data.stats import load_stats
-from pipeline.engine.optim import make_optimizer
 from pipeline.models.backbones import create_encoder
 from pipeline.models.objectives.mae import MAE
-from registry_pairs import build_pair
+from registry_pairs import adamw_loss_curve, build_pair, real_tiles
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -58,38 +54,20 @@ def test_fast_and_reference_steps_give_the_same_loss_pred_and_gradients(backbone
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def _real_tiles(prepared, n: int) -> torch.Tensor:
-    """The first n tiles of the prepared Landsat pool, normalised as pretraining sees them -> [n, 5, 16, 16]."""
-    from pipeline.data.dataset import ManifestDataset
-    from pipeline.data.transforms import eval_transform
-
-    records = load_manifest(prepared / "manifest.csv")
-    pool = select(records, "unlabelled") or select(records, "train")
-    data = ManifestDataset(pool[:n], load_stats(prepared / "stats.json"), eval_transform(16))
-    return torch.stack([data[i][0] for i in range(len(data))])
-
-
 def test_200_steps_on_real_tiles_follow_the_reference_loss_curve(prepared_landsat):
-    tiles = _real_tiles(prepared_landsat, 256)  # [256, 5, 16, 16]
+    tiles, _ = real_tiles(prepared_landsat, 256)  # [256, 5, 16, 16]
     torch.manual_seed(0)
     reference = MAE(create_encoder("vit_debug", 16, 4, tiles.shape[1]), decoder_dim=32, decoder_depth=2,
                     decoder_heads=2, fast=False)  # debug ViT: width 32, depth 2; patch 4 on 16 px tiles
     fast = copy.deepcopy(reference)
     fast.fast = True
-    opt_cfg = OptimizerConfig(name="adamw", base_lr=1.5e-4, weight_decay=0.05)
-    curves = {}
-    for name, model in (("reference", reference), ("fast", fast)):
-        optimizer = make_optimizer(model, 2e-3, opt_cfg)
-        losses = []
-        for step in range(200):
-            batch = tiles[(step * 32) % 256:(step * 32) % 256 + 32]
-            torch.manual_seed(step)  # the same masks at each step in both runs
-            loss = model(batch)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        curves[name] = torch.tensor(losses)
+
+    def loss_of(model, images, step):
+        torch.manual_seed(step)  # the same masks at each step in both runs
+        return model(images)["loss"]
+
+    curves = {name: adamw_loss_curve(model, tiles, loss_of)
+              for name, model in (("reference", reference), ("fast", fast))}
     ref, got = curves["reference"], curves["fast"]
     assert ref[-20:].mean() < 0.9 * ref[:20].mean(), ref  # it learns: the comparison means something
     # float reordering could compound over 200 AdamW steps; the curves must still coincide
