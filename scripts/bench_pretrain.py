@@ -230,7 +230,7 @@ def mimflow_arm(args, batch: Batch) -> Arm:
     unwrapped = acc.unwrap_model(model)
 
     def fwd_bwd():  # the eager form of the same maths (FlopCounterMode counts eager ops)
-        from pipeline.engine.compiled import CompiledForward
+        from pipeline.models.compiled import CompiledForward
 
         kept = getattr(unwrapped, "compiled_loss_at", None)  # MAE's compiled step
         forward = unwrapped.__dict__.get("forward")  # any other module's compiled forward

@@ -16,12 +16,12 @@ from accelerate import Accelerator
 
 from pipeline.config import Config, OptimizerConfig, stage_dir
 from pipeline.distributed import seed_per_rank, set_activation_checkpointing, show_progress
-from pipeline.engine.compiled import compile_forward
 from pipeline.engine.loaders import make_loader
 from pipeline.engine.loop import LossFn, TrainStep, train_one_epoch
 from pipeline.engine.optim import make_optimizer, scaled_lr, warmup_cosine
 from pipeline.engine.state import (Checkpointer, EpochData, LoopState, ModelState, OptimizerState, RankState,
                                    ScalerState, SeededAugmentation, Stateful, full_state_dict)
+from pipeline.models.compiled import compile_forward
 from pipeline.tracking.base import Tracker
 
 
@@ -93,7 +93,7 @@ class Fitted:
 def compile_step(model: torch.nn.Module, run) -> bool:
     """run.compile: compile the objective's step where the module offers one (`compile_step()`;
     MAE compiles its maths, its masks stay eager), else the module's whole forward
-    (`engine.compiled.CompiledForward`: SimMIM, BEiT, the classifiers) -> whether compilation is on."""
+    (`models.compiled.CompiledForward`: SimMIM, BEiT, the classifiers) -> whether compilation is on."""
     module = getattr(model, "module", model)  # under DDP
     if not run.compile:
         return False

@@ -8,7 +8,6 @@ loss and gradients (tests/unit/models/test_mae_fast.py); `scripts/bench_pretrain
 """
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from pipeline.configbase import ObjectiveConfig
 from pipeline.models import fast as fastvit
+from pipeline.models.compiled import call_compiled
 from pipeline.models.objectives import ObjectiveSpec
 
 
@@ -117,13 +117,8 @@ class MAE(nn.Module):
         self.compiled_loss_at = torch.compile(self.loss_at)
 
     def _loss(self, images, idx_keep, idx_mask):
-        if self.compiled_loss_at is not None and torch.is_grad_enabled():  # plots stay eager: no second compile
-            try:
-                return self.compiled_loss_at(images, idx_keep, idx_mask)
-            except Exception as err:  # inductor needs a C++ compiler, and not every graph compiles
-                warnings.warn(f"MAE: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running eager")
-                self.compiled_loss_at = None
-        return self.loss_at(images, idx_keep, idx_mask)
+        # plots (no gradients) stay eager: no second compile; a compiler failure falls back to eager
+        return call_compiled(self, "compiled_loss_at", self.loss_at, "MAE", images, idx_keep, idx_mask)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """images [B, C, H, W] -> loss, pred [B, L_mask, P*P*C], mask [B, L] (1 = masked).

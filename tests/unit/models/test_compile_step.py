@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.engine.compiled import CompiledForward
+from pipeline.models.compiled import CompiledForward
 from pipeline.engine.fit import compile_step
 from pipeline.models.backbones import create_backbone
 from registry_pairs import build_pair, masks_for
