@@ -58,6 +58,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's pipeline, whichever one the venv was installed from
+sys.path.insert(0, str(REPO / "scripts"))  # benchmark_input, when imported (not run) as a module
 
 ARMS = {"mae": ("mimflow", "hf", "lightly"), "simmim": ("mimflow", "hf"), "beit": ("mimflow", "hf"),
         "finetune": ("mimflow", "timm")}  # objective -> its arms
@@ -563,7 +564,7 @@ def loader_rate(args, prepared: Path, seconds: float = 3.0, rounds: int = 2) -> 
     import shutil
     import tempfile
 
-    from torch.utils.data import DataLoader
+    from benchmark_input import images_per_s  # scripts/: the same time-boxed loader loop
 
     from pipeline.data.cache import cached_reader
     from pipeline.data.manifest import load_manifest, select
@@ -585,25 +586,13 @@ def loader_rate(args, prepared: Path, seconds: float = 3.0, rounds: int = 2) -> 
         build = len(pool) / (time.perf_counter() - t0)
         dataset = SeededAugmentation(make_dataset(cfg, pool, stats, train=True, img_size=args.img, read_fn=read_fn),
                                      cfg.run.seed, mask_draw(args))
-        loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=0,
-                            generator=torch.Generator().manual_seed(0))
-        next(iter(loader))  # first-touch of the shards, imports: not timed
-        best = 0.0
-        for _ in range(rounds):
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                for batch in loader:
-                    n += len(batch[0])
-                    if time.perf_counter() - t0 >= seconds:
-                        break
-            best = max(best, n / (time.perf_counter() - t0))
-        shape = tuple(read_fn(pool[0]).shape)
-        dtype = str(read_fn(pool[0]).dtype)
+        best = max(images_per_s(dataset, args.batch, seconds) for _ in range(rounds))
+        first = read_fn(pool[0])  # the pool as stored: what the line names
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(root, ignore_errors=True)
-    return {"rate": best, "build": build, "pool": len(pool), "split": pool[0].split, "shape": shape,
-            "dtype": dtype, "name": prepared.name, "num_workers": cfg.run.num_workers,
+    return {"rate": best, "build": build, "pool": len(pool), "split": pool[0].split, "shape": tuple(first.shape),
+            "dtype": str(first.dtype), "name": prepared.name, "num_workers": cfg.run.num_workers,
             "masks": args.objective in ("simmim", "beit")}
 
 

@@ -117,13 +117,14 @@ def training_dataset(records, stats, transform, read):
 
 
 def images_per_s(ds, batch: int, seconds: float) -> float:
-    """Shuffled batches through a num_workers=0 DataLoader for >= `seconds` (after one warm-up batch)."""
+    """Shuffled batches through a num_workers=0 DataLoader for >= `seconds` (after one warm-up batch).
+    A sample is (image, label) or (image, label, mask): images are counted from the first element."""
     loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0,
                         generator=torch.Generator().manual_seed(0))
     next(iter(loader))  # imports, GDAL and file-system warm-up: not timed
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        for images, _ in loader:
+        for images, *_ in loader:
             n += len(images)
             if time.perf_counter() - start >= seconds:
                 break
